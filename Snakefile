@@ -1,0 +1,30 @@
+# wsi-asmil: slides -> tissue masks -> tiles -> features -> ASMIL models -> report and heatmaps.
+#   snakemake --cores 8                                    # the built-in demo cohort
+#   snakemake --cores 8 --config slides_dir=DIR labels=CSV out_dir=DIR
+# The logic lives in the wsi_asmil package; the rules only wire files to its command lines.
+
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+validate(config, "workflow/schemas/config.schema.yaml")
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/demo.smk"
+include: "workflow/rules/segment.smk"
+include: "workflow/rules/tile.smk"
+include: "workflow/rules/features.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/report.smk"
+include: "workflow/rules/heatmap.smk"
+
+
+rule all:
+    input:
+        all_outputs(),
+    default_target: True

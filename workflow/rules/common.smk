@@ -1,0 +1,92 @@
+# Cohort discovery, output paths and command-line arguments shared by the rules.
+import json
+import shlex
+import sys
+from pathlib import Path
+
+sys.path.insert(0, workflow.basedir)
+
+from wsi_asmil import __version__ as VERSION
+from wsi_asmil.cohort import match_cohort
+from wsi_asmil.slide import discover_slides
+from wsi_asmil.synthetic import demo_slide_ids
+from wsi_asmil.tile import TileParams
+
+PY = shlex.quote(sys.executable)
+OUT = config["out_dir"].rstrip("/")
+DEMO = config["slides_dir"] is None
+
+if DEMO:
+    SLIDE_IDS = demo_slide_ids(config["demo"]["n_slides"])
+    LABELS = f"{OUT}/demo/labels.csv"
+    TRAIN_IDS = SLIDE_IDS
+    MPP_OVERRIDE = {}
+
+    def slide_path(wildcards):
+        return f"{OUT}/demo/slides/{wildcards.slide}.svs"
+
+else:
+    if config["labels"] is None:
+        raise ValueError("config key 'labels' must name a label table when 'slides_dir' is set")
+    _found, _ignored = discover_slides(config["slides_dir"])
+    for _p in _ignored:
+        print(f"wsi-asmil: ignoring {_p} (not a slide extension)", file=sys.stderr)
+    COHORT = match_cohort(config["labels"], _found)
+    SLIDE_IDS = sorted(COHORT.slides)
+    LABELS = config["labels"]
+    TRAIN_IDS = COHORT.labeled_ids
+    MPP_OVERRIDE = COHORT.mpp
+
+    def slide_path(wildcards):
+        return str(COHORT.slides[wildcards.slide])
+
+
+TILING = TileParams(**config["tiling"]).tag()
+ENCODER = config["features"]["encoder"].replace("/", "_").replace(":", "_")
+FOLDS = list(range(1 if config["split"]["mode"] == "fixed" else config["split"]["folds"]))
+MODELS = config["train"]["models"]
+
+SEG_DIR = f"{OUT}/segment/{{slide}}"
+TILES = f"{OUT}/tiles/{TILING}/{{slide}}.zarr"
+FEATURES_DIR = f"{OUT}/features/{TILING}/{ENCODER}"
+FEATURES = f"{FEATURES_DIR}/{{slide}}.zarr"
+SPLIT = f"{OUT}/splits/split.json"
+MODEL_DIR = f"{OUT}/models/{{model}}/fold{{fold}}"
+REPORT = f"{OUT}/report"
+
+wildcard_constraints:
+    slide=r"[^/]+",
+    model=r"[a-z_]+",
+    fold=r"\d+",
+
+
+def mpp_args(wildcards):
+    """The per-slide mpp override and the config fallback, as command-line arguments."""
+    args = []
+    if wildcards.slide in MPP_OVERRIDE:
+        args += ["--slide-mpp", str(MPP_OVERRIDE[wildcards.slide])]
+    if config["mpp_fallback"] is not None:
+        args += ["--mpp-fallback", str(config["mpp_fallback"])]
+    return shlex.join(args)
+
+
+def cli_args(section, exclude=()):
+    """A config section as --long-options; as a rule param it makes reruns follow config edits."""
+    args = []
+    for key, value in config[section].items():
+        if key in exclude:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            args.append(flag if value else "--no-" + key.replace("_", "-"))
+        else:
+            args += [flag, str(value)]
+    return shlex.join(args)
+
+
+def all_outputs():
+    return [
+        f"{REPORT}/metrics.json",
+        f"{REPORT}/predictions.csv",
+        *expand(f"{OUT}/heatmaps/{{model}}/{{slide}}.png", model=config["heatmap"]["models"], slide=TRAIN_IDS),
+    ]

@@ -1,0 +1,182 @@
+"""Feature extraction: every tile of a slide through a frozen encoder into a features store.
+
+The CPU side only reads and decodes uint8 tiles (in DataLoader workers, one OpenSlide handle per
+worker, tiles in slide order); conversion to float, normalisation, channels_last and bf16 autocast
+happen on the compute device, where they are cheap. The store appears only when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from wsi_asmil import store
+from wsi_asmil.cli import add_slide_args, setup_logging
+from wsi_asmil.encoders import Encoder, build_encoder
+from wsi_asmil.slide import Slide
+
+log = logging.getLogger(__name__)
+
+
+class TileDataset(Dataset):
+    """uint8 (S, S, 3) tiles of one slide at the tiling's mpp, read lazily per worker.
+
+    The OpenSlide handle is opened on first use inside each worker process (handles do not
+    survive pickling and must not be shared between processes).
+    """
+
+    def __init__(
+        self,
+        slide_path: str | Path,
+        coords: np.ndarray,
+        target_mpp: float,
+        size: int,
+        read_level: int,
+        mpp_override: float | None = None,
+        mpp_fallback: float | None = None,
+    ) -> None:
+        self.slide_path = str(slide_path)
+        self.coords = coords
+        self.target_mpp = target_mpp
+        self.size = size
+        self.read_level = read_level
+        self.mpp_override = mpp_override
+        self.mpp_fallback = mpp_fallback
+        self._slide: Slide | None = None
+
+    def __len__(self) -> int:
+        return len(self.coords)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if self._slide is None:
+            self._slide = Slide(self.slide_path, self.mpp_override, self.mpp_fallback)
+        x, y = self.coords[i]
+        tile = self._slide.read_at_mpp(int(x), int(y), self.target_mpp, self.size, self.read_level)
+        return torch.from_numpy(tile)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def use_bf16(device: torch.device, precision: str) -> bool:
+    """bf16 autocast where the hardware has native bf16 (CUDA, AVX512-BF16/AMX CPUs); else fp32."""
+    if precision != "auto":
+        return precision == "bf16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+class Embedder:
+    """An encoder on a device, fed uint8 NHWC batches: normalisation runs on the device."""
+
+    def __init__(self, encoder: Encoder, device: torch.device, bf16: bool) -> None:
+        self.encoder = encoder
+        self.device = device
+        self.bf16 = bf16
+        self.model = encoder.model.to(device).to(memory_format=torch.channels_last)
+        shape = (1, 3, 1, 1)
+        self.mean = torch.tensor(encoder.spec.mean, device=device).view(shape) * 255.0
+        self.std = torch.tensor(encoder.spec.std, device=device).view(shape) * 255.0
+
+    @torch.inference_mode()
+    def __call__(self, tiles_u8: torch.Tensor) -> torch.Tensor:
+        x = tiles_u8.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
+        x = ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            out = self.model(x)
+        return out.float().cpu()
+
+
+def extract_slide(
+    slide_path: str | Path,
+    tiles_store: str | Path,
+    out_store: str | Path,
+    encoder: Encoder,
+    device: str = "auto",
+    precision: str = "auto",
+    batch_size: int = 64,
+    num_workers: int = 1,
+    mpp_override: float | None = None,
+    mpp_fallback: float | None = None,
+) -> dict[str, Any]:
+    """Embed every tile of a tiles store and write the features store atomically."""
+    coords, _, tile_attrs = store.read_tiles(tiles_store)
+    dev = resolve_device(device)
+    bf16 = use_bf16(dev, precision)
+    embed = Embedder(encoder, dev, bf16)
+    size = encoder.spec.input_size
+    if size != tile_attrs["tile_size"]:
+        log.info("tiles of %d px are read at %d px for %s", tile_attrs["tile_size"], size, encoder.name)
+    # The encoder sees the tile's physical field at its own input size.
+    read_mpp = tile_attrs["target_mpp"] * tile_attrs["tile_size"] / size
+    dataset = TileDataset(
+        slide_path, coords, read_mpp, size, tile_attrs["read_level"], mpp_override, mpp_fallback
+    )
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        pin_memory=dev.type == "cuda",
+        persistent_workers=False,
+        prefetch_factor=4 if num_workers > 0 else None,
+    )
+    attrs = {
+        **{k: v for k, v in tile_attrs.items() if k not in ("kind", "created", "wsi_asmil_version")},
+        "encoder": encoder.name,
+        "timm_name": encoder.spec.timm_name,
+        "weights": encoder.weights_id,
+        "input_size": size,
+        "norm_mean": list(encoder.spec.mean),
+        "norm_std": list(encoder.spec.std),
+        "precision": "bf16" if bf16 else "fp32",
+    }
+    sid = tile_attrs["slide_id"]
+    with store.feature_writer(out_store, coords, encoder.dim, attrs) as writer:
+        start = 0
+        for batch in tqdm(loader, desc=f"features {sid}", unit="batch", mininterval=5, disable=None):
+            writer.write(start, embed(batch).numpy())
+            start += len(batch)
+    log.info(
+        "slide '%s': %d tiles -> %d-d %s features on %s (%s)",
+        sid, len(coords), encoder.dim, encoder.name, dev, attrs["precision"],
+    )
+    return attrs
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m wsi_asmil.features", description=__doc__)
+    add_slide_args(p)
+    p.add_argument("--tiles", required=True, help="tiles Zarr store of the slide")
+    p.add_argument("--out", required=True, help="features Zarr store to write")
+    p.add_argument("--encoder", default="resnet18", help="short name (resnet18, vit_small, ...) or any timm name")
+    p.add_argument("--weights", default="random", help="state-dict file, 'hub', or 'random'")
+    p.add_argument("--seed", type=int, default=0, help="seed of random weights")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--num-workers", type=int, default=1, help="tile-reading processes")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = p.parse_args(argv)
+    setup_logging()
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) - args.num_workers))
+    encoder = build_encoder(args.encoder, args.weights, args.seed)
+    extract_slide(
+        args.slide, args.tiles, args.out, encoder, args.device, args.precision,
+        args.batch_size, args.num_workers, args.slide_mpp, args.mpp_fallback,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""Atomic file output: a killed job never leaves a file or folder that looks complete.
+
+Every writer goes through :func:`atomic_path`: the content is written to a dot-prefixed temporary
+sibling and renamed into place only when complete. Snakemake also deletes outputs of failed jobs,
+but these guarantees hold when a stage is run by hand or killed with SIGKILL.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pandas as pd
+
+
+def _tmp_sibling(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path``; on success move it into place, on error delete it.
+
+    An earlier complete output survives a failed rewrite until the very last rename.
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_sibling(final)
+    try:
+        yield tmp
+        if final.is_dir() and not final.is_symlink():
+            old = _tmp_sibling(final)
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists():
+            tmp.unlink()
+        raise
+
+
+def write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, allow_nan=True) + "\n")
+
+
+def write_text(path: str | os.PathLike[str], text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_csv(path: str | os.PathLike[str], df: pd.DataFrame) -> None:
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False)
+
+
+def write_image(path: str | os.PathLike[str], image: np.ndarray) -> None:
+    """Write an RGB (or grey) uint8 image; the format follows the final path's extension."""
+    final = Path(path)
+    arr = image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+    ok, buf = cv2.imencode(final.suffix, arr)
+    if not ok:
+        raise OSError(f"cannot encode image for {final}")
+    with atomic_path(final) as tmp:
+        tmp.write_bytes(buf.tobytes())
+
+
+def read_image(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read an image as RGB uint8 (grey images stay 2-D)."""
+    arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if arr is None:
+        raise FileNotFoundError(f"cannot read image {path}")
+    return arr if arr.ndim == 2 else cv2.cvtColor(arr[..., :3], cv2.COLOR_BGR2RGB)

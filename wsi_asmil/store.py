@@ -1,0 +1,129 @@
+"""The on-disk layout of per-slide Zarr stores: the one place that knows it.
+
+Two kinds of store exist, both Zarr format 3 directories written atomically:
+
+``tiles/<tiling>/<slide>.zarr``
+    ``coords``           (M, 2) int64, level-0 top-left x, y of each tile
+    ``tissue_fraction``  (M,)   float32, fraction of the tile covered by the tissue mask
+    attrs: ``kind="tiles"``, slide_id, mpp (level-0 um/px), target_mpp, tile_size (px at
+    target_mpp), tile_extent (level-0 px, float), read_level, read_downsample, overlap,
+    min_tissue_fraction, slide_dimensions, wsi_asmil_version, created.
+
+``features/<tiling>/<encoder>/<slide>.zarr``
+    ``features``  (M, D) float16, chunked by rows
+    ``coords``    (M, 2) int64, identical to the tiles store's coords
+    attrs: ``kind="features"``, the tiles store's attrs plus encoder, weights, input_size,
+    norm_mean, norm_std, feature_dim.
+
+A slide without tissue has M = 0 and is still a complete store: training skips it with a warning.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from wsi_asmil import __version__
+from wsi_asmil.io import atomic_path
+
+ROWS_PER_CHUNK = 4096
+
+
+def provenance() -> dict[str, Any]:
+    return {
+        "wsi_asmil_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _row_chunks(n_rows: int, n_cols: int) -> tuple[int, int]:
+    return (max(1, min(ROWS_PER_CHUNK, n_rows)), max(1, n_cols))
+
+
+def write_tiles(
+    path: str | os.PathLike[str],
+    coords: np.ndarray,
+    tissue_fraction: np.ndarray,
+    attrs: dict[str, Any],
+) -> None:
+    """Write a tiles store atomically."""
+    coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
+    tissue_fraction = np.asarray(tissue_fraction, dtype=np.float32).reshape(-1)
+    if len(coords) != len(tissue_fraction):
+        raise ValueError("coords and tissue_fraction must have the same length")
+    with atomic_path(path) as tmp:
+        root = zarr.open_group(tmp, mode="w", zarr_format=3)
+        root.create_array("coords", data=coords, chunks=_row_chunks(len(coords), 2))
+        root.create_array(
+            "tissue_fraction", data=tissue_fraction, chunks=(_row_chunks(len(coords), 1)[0],)
+        )
+        root.attrs.update({"kind": "tiles", **attrs, **provenance()})
+
+
+class _RowWriter:
+    def __init__(self, array: zarr.Array) -> None:
+        self.array = array
+        self.written = 0
+
+    def write(self, start: int, rows: np.ndarray) -> None:
+        self.array[start : start + len(rows)] = rows.astype(np.float16)
+        self.written += len(rows)
+
+
+@contextmanager
+def feature_writer(
+    path: str | os.PathLike[str], coords: np.ndarray, dim: int, attrs: dict[str, Any]
+) -> Iterator[_RowWriter]:
+    """Build a features store at a temporary path; it appears at ``path`` only when every row is in.
+
+    Rows arrive in batches from the encoder. A store with fewer rows written than coords is an
+    error, never a silently zero-filled result.
+    """
+    coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
+    with atomic_path(path) as tmp:
+        root = zarr.open_group(tmp, mode="w", zarr_format=3)
+        root.create_array("coords", data=coords, chunks=_row_chunks(len(coords), 2))
+        array = root.create_array(
+            "features",
+            shape=(len(coords), dim),
+            dtype="float16",
+            chunks=_row_chunks(len(coords), dim),
+            fill_value=0,
+        )
+        root.attrs.update({"kind": "features", "feature_dim": dim, **attrs, **provenance()})
+        writer = _RowWriter(array)
+        yield writer
+        if writer.written != len(coords):
+            raise RuntimeError(f"{path}: wrote {writer.written} of {len(coords)} feature rows")
+
+
+def open_store(path: str | os.PathLike[str]) -> zarr.Group:
+    """Open a complete store read-only, with a clear error for a missing or foreign one."""
+    p = Path(path)
+    if not p.is_dir():
+        raise FileNotFoundError(f"no store at {p}")
+    return zarr.open_group(p, mode="r")
+
+
+def read_tiles(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Return (coords (M,2) int64, tissue_fraction (M,), attrs) of a tiles store."""
+    g = open_store(path)
+    return g["coords"][:], g["tissue_fraction"][:], dict(g.attrs)
+
+
+def read_features(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Return (features (M,D) float32, coords (M,2) int64, attrs) of a features store."""
+    g = open_store(path)
+    return g["features"][:].astype(np.float32), g["coords"][:], dict(g.attrs)
+
+
+def lazy_features(path: str | os.PathLike[str]) -> zarr.Array:
+    """The features array without reading it, for callers that slice rows."""
+    return open_store(path)["features"]
