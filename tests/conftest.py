@@ -1,0 +1,47 @@
+"""Shared fixtures: the real CC0 slide and small slides the tests write themselves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+DATA = Path(__file__).parent / "data"
+REAL_SLIDE = DATA / "cmu_small_region.svs"
+
+
+def write_generic_tiff(path: Path, rgb: np.ndarray, mpp: float | None = None) -> Path:
+    """A single-level tiled TIFF; with ``mpp`` it carries resolution tags in centimetres."""
+    kwargs = {}
+    if mpp is not None:
+        kwargs = {"resolution": (1e4 / mpp, 1e4 / mpp), "resolutionunit": "CENTIMETER"}
+    tifffile.imwrite(path, rgb, tile=(256, 256), photometric="rgb", compression="zlib", **kwargs)
+    return path
+
+
+def physical_pattern(width: int, height: int, mpp: float) -> np.ndarray:
+    """An image whose content is a function of microns, not pixels: the same scene at any mpp."""
+    x = (np.arange(width) + 0.5) * mpp
+    y = (np.arange(height) + 0.5) * mpp
+    xx, yy = np.meshgrid(x, y)
+    r = 128 + 100 * np.sin(2 * np.pi * xx / 40.0)
+    g = 128 + 100 * np.sin(2 * np.pi * yy / 55.0)
+    b = 128 + 100 * np.sin(2 * np.pi * (xx + yy) / 90.0)
+    return np.stack([r, g, b], axis=-1).round().astype(np.uint8)
+
+
+@pytest.fixture(scope="session")
+def real_slide() -> Path:
+    return REAL_SLIDE
+
+
+@pytest.fixture(scope="session")
+def demo_slides(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A small synthetic tumour slide and a normal one, with ground-truth masks beside them."""
+    from wsi_asmil.synthetic import write_cohort
+
+    out = tmp_path_factory.mktemp("demo")
+    write_cohort(out, n_slides=2, seed=3, width=3072, height=2304, mpp=0.25)
+    return {p.stem: p for p in sorted((out / "slides").glob("*.svs"))}

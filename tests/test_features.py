@@ -1,0 +1,140 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+from wsi_asmil import store
+from wsi_asmil.encoders import WeightsError, build_encoder
+from wsi_asmil.features import Embedder, extract_slide
+from wsi_asmil.segment import SegmentParams, segment_slide
+from wsi_asmil.slide import Slide
+from wsi_asmil.tile import TileParams, tile_slide
+
+
+class Payload:
+    """A pickle that runs a shell command when unpickled: what an untrusted checkpoint can hide."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (os.system, (f"touch '{self.marker}'",))
+
+
+@pytest.fixture(scope="module")
+def real_tiles(real_slide: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("tiles")
+    segment_slide(real_slide, out / "seg", SegmentParams())
+    tile_slide(real_slide, out / "seg", out / "tiles.zarr", out / "grid.png", TileParams())
+    return out / "tiles.zarr"
+
+
+def test_random_weights_are_seeded() -> None:
+    a = build_encoder("resnet18", "random", seed=0)
+    b = build_encoder("resnet18", "random", seed=0)
+    c = build_encoder("resnet18", "random", seed=1)
+    wa, wb, wc = (e.model.conv1.weight for e in (a, b, c))
+    assert torch.equal(wa, wb) and not torch.equal(wa, wc)
+    assert a.dim == 512 and a.weights_id == "random(seed=0)"
+    assert not any(p.requires_grad for p in a.model.parameters())
+
+
+def test_vit_small_dimension() -> None:
+    enc = build_encoder("vit_small", "random")
+    assert enc.dim == 384 and enc.spec.timm_name == "vit_small_patch16_224"
+    out = Embedder(enc, torch.device("cpu"), bf16=False)(torch.zeros(2, 224, 224, 3, dtype=torch.uint8))
+    assert out.shape == (2, 384)
+
+
+def test_local_weights_file_loaded_and_hashed(tmp_path: Path) -> None:
+    torch.manual_seed(7)
+    source = timm.create_model("resnet18", num_classes=10)
+    state = {f"module.{k}": v for k, v in source.state_dict().items()}  # DDP-style prefix
+    path = tmp_path / "weights.pth"
+    torch.save({"state_dict": state}, path)
+    enc = build_encoder("resnet18", str(path))
+    assert torch.equal(enc.model.conv1.weight, source.conv1.weight)
+    assert enc.weights_id.startswith("sha256:") and len(enc.weights_id) == 7 + 64
+
+
+def test_weights_errors_name_the_config_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(WeightsError, match="features.weights"):
+        build_encoder("resnet18", str(tmp_path / "missing.pth"))
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"fc.weight": torch.zeros(2, 2)}, wrong)
+    with pytest.raises(WeightsError, match="lacks"):
+        build_encoder("resnet18", str(wrong))
+    unsafe = tmp_path / "unsafe.pth"
+    marker = tmp_path / "pwned"
+    torch.save({"state_dict": Payload(marker)}, unsafe)
+    with pytest.raises(WeightsError, match="weights_only"):
+        build_encoder("resnet18", str(unsafe))
+    assert not marker.exists()  # the payload never ran
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # as on an offline node
+    with pytest.raises(WeightsError, match="features.weights"):
+        build_encoder("resnet18", "hub")
+
+
+def test_extract_matches_direct_computation(real_slide: Path, real_tiles: Path, tmp_path: Path) -> None:
+    enc = build_encoder("resnet18", "random")
+    attrs = extract_slide(real_slide, real_tiles, tmp_path / "f.zarr", enc, "cpu", "fp32", batch_size=16, num_workers=0)
+    feats, coords, stored = store.read_features(tmp_path / "f.zarr")
+    tile_coords, _, _ = store.read_tiles(real_tiles)
+    assert np.array_equal(coords, tile_coords)
+    assert feats.shape == (len(coords), 512)
+    assert stored["encoder"] == "resnet18" and stored["weights"] == "random(seed=0)"
+    assert stored["precision"] == "fp32" and attrs["input_size"] == 224
+    assert stored["norm_mean"] == [0.485, 0.456, 0.406] and stored["mpp"] == pytest.approx(0.499)
+    # reference: read two tiles by hand, normalise on the CPU the textbook way, run the model
+    with Slide(real_slide) as s:
+        tiles = np.stack([s.read_at_mpp(int(x), int(y), 0.5, 224) for x, y in coords[[0, -1]]])
+    x = torch.from_numpy(tiles).permute(0, 3, 1, 2).float() / 255
+    x = (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        ref = enc.model(x).numpy()
+    np.testing.assert_allclose(feats[[0, -1]], ref.astype(np.float16), rtol=2e-3, atol=2e-3)
+
+
+def test_workers_and_bf16_agree(real_slide: Path, real_tiles: Path, tmp_path: Path) -> None:
+    enc = build_encoder("resnet18", "random")
+    extract_slide(real_slide, real_tiles, tmp_path / "a.zarr", enc, "cpu", "fp32", 16, 0)
+    extract_slide(real_slide, real_tiles, tmp_path / "b.zarr", enc, "cpu", "fp32", 7, 1)
+    extract_slide(real_slide, real_tiles, tmp_path / "c.zarr", enc, "cpu", "bf16", 16, 0)
+    a, b, c = (store.read_features(tmp_path / f"{n}.zarr")[0] for n in "abc")
+    np.testing.assert_array_equal(a, b)
+    cos = (a * c).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(c, axis=1))
+    assert cos.min() > 0.98
+
+
+def test_empty_tile_set(real_slide: Path, tmp_path: Path) -> None:
+    store.write_tiles(tmp_path / "t.zarr", np.zeros((0, 2)), np.zeros(0), {
+        "slide_id": "cmu_small_region", "target_mpp": 0.5, "tile_size": 224, "read_level": 0, "tile_extent": 224.4,
+    })
+    extract_slide(real_slide, tmp_path / "t.zarr", tmp_path / "f.zarr", build_encoder("resnet18", "random"), "cpu", "fp32")
+    feats, coords, _ = store.read_features(tmp_path / "f.zarr")
+    assert feats.shape == (0, 512) and coords.shape == (0, 2)
+
+
+def test_failed_extraction_leaves_no_store(real_slide: Path, real_tiles: Path, tmp_path: Path) -> None:
+    enc = build_encoder("resnet18", "random")
+
+    class Boom(torch.nn.Module):
+        calls = 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            Boom.calls += 1
+            if Boom.calls > 1:
+                raise RuntimeError("killed half way")
+            return torch.zeros(len(x), 512)
+
+    broken = type(enc)(Boom(), enc.name, enc.spec, enc.dim, enc.weights_id)
+    with pytest.raises(RuntimeError, match="half way"):
+        extract_slide(real_slide, real_tiles, tmp_path / "f.zarr", broken, "cpu", "fp32", 8, 0)
+    assert list(tmp_path.iterdir()) == []

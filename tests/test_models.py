@@ -1,0 +1,426 @@
+"""Models, NSF, anchor and loss: checked against hand computations and independent references."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from wsi_asmil.models import (
+    ASMIL,
+    Anchor,
+    MILLoss,
+    MultiHeadCrossAttention,
+    build_model,
+    load_model,
+    nsf,
+    save_checkpoint,
+    select_tokens,
+    stabilization_loss,
+)
+
+MODEL_NAMES = ["asmil", "abmil", "abmil_anchor"]
+
+
+def _randomize(module: nn.Module) -> None:
+    """Move LayerNorm affine parameters off their identity init so they are actually tested."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.startswith("norm_"):
+                p.normal_()
+
+
+# --- NSF ---------------------------------------------------------------------------------------
+
+
+def test_nsf_matches_hand_computation() -> None:
+    # z / tau = [0, ln 3, -ln 3] -> sigmoids [1/2, 3/4, 1/4], sum 3/2 -> [1/3, 1/2, 1/6].
+    tau = 0.5
+    z = torch.tensor([0.0, tau * math.log(3), -tau * math.log(3)], dtype=torch.float64)
+    expected = torch.tensor([1 / 3, 1 / 2, 1 / 6], dtype=torch.float64) / (1 + 1e-8 / 1.5)
+    torch.testing.assert_close(nsf(z, tau), expected, rtol=1e-12, atol=0)
+
+
+def test_nsf_uses_temperature_and_last_axis() -> None:
+    z = torch.tensor([[2.0, 0.0], [0.0, 0.0]], dtype=torch.float64)
+    s = 1 / (1 + math.exp(-4.0))  # sigmoid(2 / 0.5)
+    torch.testing.assert_close(nsf(z, 0.5)[0], torch.tensor([s, 0.5], dtype=torch.float64) / (s + 0.5 + 1e-8))
+    torch.testing.assert_close(nsf(z, 0.5)[1], torch.tensor([0.5, 0.5], dtype=torch.float64))
+
+
+def test_nsf_all_sigmoids_underflow_gives_zero_not_nan() -> None:
+    out = nsf(torch.full((5,), -1e4), tau=0.5)
+    assert torch.all(out == 0)
+
+
+def test_nsf_rejects_non_positive_temperature() -> None:
+    with pytest.raises(ValueError):
+        nsf(torch.zeros(3), tau=0.0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    temperature=st.floats(0.05, 5.0),
+    margin=st.floats(0.01, 10.0),
+    high_excess=st.lists(st.floats(0.0, 40.0), min_size=1, max_size=12),
+    low_excess=st.lists(st.floats(0.0, 40.0), min_size=0, max_size=30),
+)
+def test_nsf_theorem1_bounds(
+    temperature: float, margin: float, high_excess: list[float], low_excess: list[float]
+) -> None:
+    """Theorem 1, stated precisely for NSF at temperature t.
+
+    Let s = z / t be the sigmoid arguments. If h >= 1 entries have s >= delta ("high") and all
+    others have s <= -delta ("low"), then for any high a, b: T_a / T_b <= 1 + e^-delta, and for any
+    low j: T_j <= e^-delta / h. Proof: sigmoid(delta) <= sigmoid(s_a) < 1 gives the ratio bound
+    1 / sigmoid(delta) = 1 + e^-delta; sigmoid(s_j) <= sigmoid(-delta) = e^-delta sigmoid(delta)
+    and the denominator (plus its 1e-8) exceeds h sigmoid(delta). The margin is on z / t: the spec's
+    "margin tau" at temperature tau means raw logits beyond +-tau^2 (the case t = delta = tau).
+    """
+    high = [temperature * (margin + e) for e in high_excess]
+    low = [-temperature * (margin + e) for e in low_excess]
+    weights = nsf(torch.tensor(high + low, dtype=torch.float64), temperature)
+    h = len(high)
+    w_high, w_low = weights[:h], weights[h:]
+    slack = 1 + 1e-9  # z / t need not round-trip exactly to margin + excess
+    assert float(w_high.max() / w_high.min()) <= (1 + math.exp(-margin)) * slack
+    if len(low):
+        assert float(w_low.max()) <= math.exp(-margin) / h * slack
+
+
+# --- attention -----------------------------------------------------------------------------------
+
+
+def test_batched_per_token_attention_equals_separate_modules() -> None:
+    torch.manual_seed(0)
+    n, dim, heads = 5, 32, 8
+    batched = MultiHeadCrossAttention(dim, heads, n_weight_sets=n).eval()
+    _randomize(batched)
+    queries, x = torch.randn(n, dim), torch.randn(37, dim)
+    out, logits = batched(queries, x)
+    assert out.shape == (n, dim) and logits.shape == (heads, n, 37)
+    for t in range(n):
+        single = MultiHeadCrossAttention(dim, heads, n_weight_sets=1).eval()
+        with torch.no_grad():
+            for name, p in single.named_parameters():
+                p.copy_(getattr(batched, name)[t : t + 1])
+        out_t, logits_t = single(queries[t : t + 1], x)
+        torch.testing.assert_close(out[t], out_t[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(logits[:, t], logits_t[:, 0], rtol=1e-5, atol=1e-5)
+
+
+def test_attention_matches_torch_multihead_attention() -> None:
+    """Independent reference: the folded keys/values must equal explicit q/k/v attention."""
+    torch.manual_seed(1)
+    n, dim, heads, m = 3, 16, 8, 50
+    ours = MultiHeadCrossAttention(dim, heads, n_weight_sets=n).eval()
+    queries, x = torch.randn(n, dim), torch.randn(m, dim)
+    out, logits = ours(queries, x)
+    for t in range(n):
+        ref = nn.MultiheadAttention(dim, heads, bias=True, batch_first=True).eval()
+        with torch.no_grad():
+            ref.in_proj_weight.copy_(torch.cat([ours.q_weight[t], ours.k_weight[t], ours.v_weight[t]]))
+            ref.in_proj_bias.copy_(torch.cat([ours.q_bias[t], ours.k_bias[t], ours.v_bias[t]]))
+            ref.out_proj.weight.copy_(ours.o_weight[t])
+            ref.out_proj.bias.copy_(ours.o_bias[t])
+        ref_out, ref_w = ref(
+            queries[None, t : t + 1], x[None], x[None], need_weights=True, average_attn_weights=False
+        )
+        torch.testing.assert_close(out[t], F.layer_norm(ref_out[0, 0], (dim,), eps=1e-6), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(torch.softmax(logits[:, t], -1), ref_w[0, :, 0], rtol=1e-4, atol=1e-6)
+
+
+def test_attention_init_is_linear_default_per_set() -> None:
+    torch.manual_seed(2)
+    att = MultiHeadCrossAttention(64, 8, n_weight_sets=4)
+    bound = 1 / math.sqrt(64)
+    for name in ("q", "k", "v", "o"):
+        w, b = getattr(att, f"{name}_weight"), getattr(att, f"{name}_bias")
+        assert w.abs().max() <= bound and b.abs().max() <= bound
+        assert w.std() > 0.8 * bound / math.sqrt(3)  # uniform(-b, b) has std b / sqrt(3)
+        assert not torch.equal(w[0], w[1])
+
+
+def test_attention_rejects_indivisible_dim_and_wrong_query_count() -> None:
+    with pytest.raises(ValueError):
+        MultiHeadCrossAttention(30, 8)
+    att = MultiHeadCrossAttention(16, 8, n_weight_sets=4)
+    with pytest.raises(ValueError):
+        att(torch.randn(3, 16), torch.randn(5, 16))
+
+
+# --- token dropout -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("n", "rate"), [(8, 0.5), (10, 0.3), (4, 0.5), (16, 0.75), (5, 0.5)])
+def test_fixed_token_drop_removes_exactly_round_bn(n: int, rate: float) -> None:
+    torch.manual_seed(0)
+    seen = set()
+    for _ in range(200):
+        kept = select_tokens(n, rate, "fixed")
+        assert len(kept) == n - round(rate * n)
+        assert len(set(kept.tolist())) == len(kept) and kept.min() >= 0 and kept.max() < n
+        seen.update(kept.tolist())
+    assert seen == set(range(n))  # uniform choice reaches every token
+
+
+def test_bernoulli_token_drop_never_drops_all() -> None:
+    torch.manual_seed(0)
+    counts = [len(select_tokens(3, 0.9, "bernoulli")) for _ in range(2000)]
+    assert min(counts) >= 1
+    assert max(counts) == 3
+
+
+def test_token_drop_feeds_the_aggregator_only_kept_tokens_and_eval_uses_all() -> None:
+    torch.manual_seed(0)
+    model = ASMIL(32, 2, n_tokens=8, token_drop=0.5)
+    seen: list[int] = []
+    model.aggregator[0].register_forward_pre_hook(lambda mod, args: seen.append(args[1].shape[0]))
+    bag = torch.randn(20, 32)
+    model.train()
+    out = model(bag)
+    assert seen[-1] == 4
+    assert out["attn_logits"].shape == (8, 8, 20)  # dropped tokens' attention still reaches the loss
+    model.eval()
+    first = model(bag)["logits"]
+    assert seen[-1] == 8
+    torch.testing.assert_close(model(bag)["logits"], first, rtol=0, atol=0)
+
+
+def test_bernoulli_mode_in_model_keeps_at_least_one() -> None:
+    torch.manual_seed(0)
+    model = ASMIL(16, 2, n_tokens=2, token_drop=0.9, token_drop_mode="bernoulli").train()
+    seen: list[int] = []
+    model.aggregator[0].register_forward_pre_hook(lambda mod, args: seen.append(args[1].shape[0]))
+    bag = torch.randn(5, 16)
+    for _ in range(50):
+        model(bag)
+    assert 1 <= min(seen) and max(seen) <= 2
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"token_drop": 1.0}, {"token_drop": -0.1}, {"token_drop_mode": "topk"}, {"n_tokens": 1, "token_drop": 0.6}],
+)
+def test_asmil_rejects_invalid_token_drop(kwargs: dict) -> None:
+    with pytest.raises(ValueError):
+        ASMIL(16, 2, **kwargs)
+
+
+# --- anchor ---------------------------------------------------------------------------------------
+
+
+class _WithBuffers(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(2, 1)
+        self.norm = nn.BatchNorm1d(1)
+
+
+def test_ema_update_matches_hand_arithmetic() -> None:
+    torch.manual_seed(0)
+    online = _WithBuffers()
+    anchor = Anchor(online, "ema", momentum=0.9)
+    w0, b0 = online.linear.weight.detach().clone(), online.linear.bias.detach().clone()
+    torch.testing.assert_close(anchor.model.linear.weight, w0, rtol=0, atol=0)  # exact copy at start
+    with torch.no_grad():
+        online.linear.weight.copy_(torch.tensor([[1.0, 2.0]]))
+        online.linear.bias.fill_(-3.0)
+        online.norm.running_mean.fill_(5.0)
+        online.norm.num_batches_tracked.fill_(7)
+    anchor.update(online)
+    torch.testing.assert_close(anchor.model.linear.weight, 0.9 * w0 + 0.1 * torch.tensor([[1.0, 2.0]]))
+    torch.testing.assert_close(anchor.model.linear.bias, 0.9 * b0 + 0.1 * -3.0)
+    torch.testing.assert_close(anchor.model.norm.running_mean, torch.tensor([0.5]))
+    torch.testing.assert_close(anchor.model.norm.running_var, torch.tensor([1.0]))
+    assert int(anchor.model.norm.num_batches_tracked) == 7
+
+
+@pytest.mark.parametrize("name", ["asmil", "abmil_anchor"])
+def test_anchor_gets_no_gradient_and_is_not_in_optimizer(name: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(name, 32, 2)
+    anchor = Anchor(model, "ema")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    bag, label = torch.randn(30, 32), torch.tensor(1)
+    out = model(bag)
+    losses = MILLoss()(out["logits"], label, out["attn_logits"], anchor.attention_logits(bag))
+    losses["loss"].backward()
+    optimizer.step()
+    assert all(not p.requires_grad and p.grad is None for p in anchor.parameters())
+    assert all(p.grad is not None for p in model.parameters())
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert not in_optimizer & {id(p) for p in anchor.parameters()}
+    assert not any(k.startswith("anchor") for k in model.state_dict())
+    anchor.train()
+    assert not anchor.model.training
+
+
+def test_frozen_random_anchor_differs_from_online_and_never_changes() -> None:
+    torch.manual_seed(0)
+    model = build_model("asmil", 32, 2)
+    anchor = Anchor(model, "frozen_random")
+    frozen = {k: v.clone() for k, v in anchor.model.state_dict().items()}
+    online = model.state_dict()
+    assert not torch.equal(frozen["reduce.0.weight"], online["reduce.0.weight"])
+    assert not torch.equal(frozen["token_attention.k_weight"], online["token_attention.k_weight"])
+    assert not torch.equal(frozen["tokens"], online["tokens"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(3):
+        bag = torch.randn(25, 32)
+        out = model(bag)
+        MILLoss()(out["logits"], torch.tensor(0), out["attn_logits"], anchor.attention_logits(bag))["loss"].backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        anchor.update(model)
+    for key, value in anchor.model.state_dict().items():
+        assert torch.equal(value, frozen[key]), key
+
+
+def test_anchor_rejects_unknown_mode() -> None:
+    with pytest.raises(ValueError):
+        Anchor(nn.Linear(2, 2), "swa")
+
+
+# --- loss -------------------------------------------------------------------------------------------
+
+
+def _loss_example() -> tuple[torch.Tensor, torch.Tensor, float]:
+    """H=2, N=1, M=2. The anchor gives T = [3/4, 1/4] for both heads (z'/tau = +-ln 3, sigmoid sum 1);
+    the online model gives P = [1/2, 1/2] (head 0) and [3/4, 1/4] (head 1)."""
+    tau = 0.5
+    anchor = torch.tensor([[[math.log(3), -math.log(3)]], [[math.log(3), -math.log(3)]]]) * tau
+    online = torch.tensor([[[0.0, 0.0]], [[math.log(3), 0.0]]])
+    return online, anchor, tau
+
+
+def test_distribution_mean_is_the_kl_averaged_over_heads_and_tokens() -> None:
+    online, anchor, tau = _loss_example()
+    kl_head0 = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)  # 0.130812
+    kl_head1 = 0.0  # P equals T
+    value = stabilization_loss(online, anchor, tau, "distribution_mean")
+    assert value.item() == pytest.approx((kl_head0 + kl_head1) / 2, abs=1e-6)
+    assert value.item() == pytest.approx(0.065406, abs=1e-6)
+
+
+def test_element_mean_is_the_released_cross_entropy_form() -> None:
+    online, anchor, tau = _loss_example()
+    head0 = -(0.75 * math.log(0.5) + 0.25 * math.log(0.5))  # ln 2
+    head1 = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))  # entropy of T: no KL, no entropy removal
+    value = stabilization_loss(online, anchor, tau, "element_mean")
+    assert value.item() == pytest.approx((head0 + head1) / 4, abs=1e-6)  # mean over H*N*M = 4 elements
+    assert value.item() == pytest.approx(0.313871, abs=1e-6)
+
+
+def test_total_loss_and_target_is_detached() -> None:
+    online, anchor, tau = _loss_example()
+    online.requires_grad_(True)
+    anchor.requires_grad_(True)
+    logits, label = torch.tensor([0.2, -0.1]), torch.tensor(1)
+    losses = MILLoss(beta=2.0, tau=tau)(logits, label, online, anchor)
+    ce = F.cross_entropy(logits[None], label[None])
+    torch.testing.assert_close(losses["ce"], ce)
+    torch.testing.assert_close(losses["loss"], ce + 2.0 * losses["as"])
+    losses["loss"].backward()
+    assert anchor.grad is None and online.grad is not None
+    assert MILLoss()(logits, label)["as"].item() == 0.0
+
+
+def test_loss_rejects_unknown_reduction() -> None:
+    online, anchor, tau = _loss_example()
+    with pytest.raises(ValueError):
+        stabilization_loss(online, anchor, tau, "sum")
+    with pytest.raises(ValueError):
+        MILLoss(reduction="sum")
+
+
+# --- whole models -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("m", [1, 20000])
+def test_shapes_and_gradients_for_tiny_and_huge_bags(name: str, m: int) -> None:
+    torch.manual_seed(0)
+    model = build_model(name, 64, 3)
+    heads_tokens = (8, 8) if name == "asmil" else (1, 1)
+    bag = torch.randn(m, 64)
+    anchor = Anchor(model)
+    out = model.train()(bag)
+    assert out["logits"].shape == (3,)
+    assert out["attn_logits"].shape == (*heads_tokens, m)
+    losses = MILLoss()(out["logits"], torch.tensor(2), out["attn_logits"], anchor.attention_logits(bag))
+    losses["loss"].backward()
+    assert torch.isfinite(losses["loss"])
+    scores = model.attention_scores(bag)
+    assert scores.shape == (m,) and torch.isfinite(scores).all()
+    assert scores.sum().item() == pytest.approx(1.0, abs=1e-4)
+    assert model.training  # attention_scores restores the caller's mode
+
+
+def test_asmil_inner_dim_defaults_to_half_and_bag_is_validated() -> None:
+    model = build_model("asmil", 64, 2)
+    assert model.reduce[0].weight.shape == (32, 64)
+    assert build_model("asmil", 384, 2, inner_dim=128).reduce[0].weight.shape == (128, 384)
+    with pytest.raises(ValueError):
+        model(torch.randn(0, 64))
+    with pytest.raises(ValueError):
+        model(torch.randn(5, 63))
+
+
+def test_asmil_token_init_and_configurable_depth() -> None:
+    torch.manual_seed(0)
+    model = build_model("asmil", 32, 2, n_tokens=16, aggregator_depth=3)
+    assert model.tokens.shape == (16, 16) and model.tokens.abs().max() < 1e-5
+    assert torch.equal(model.cls_token, torch.zeros(1, 16))
+    assert len(model.aggregator) == 3
+    assert model.eval()(torch.randn(7, 32))["attn_logits"].shape == (8, 16, 7)
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_eval_mode_is_deterministic(name: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(name, 32, 2, dropout=0.5).eval()
+    bag = torch.randn(40, 32)
+    a, b = model(bag), model(bag)
+    assert torch.equal(a["logits"], b["logits"]) and torch.equal(a["attn_logits"], b["attn_logits"])
+
+
+def test_abmil_is_gated_attention_weighted_mean() -> None:
+    torch.manual_seed(0)
+    model = build_model("abmil", 8, 2).eval()
+    bag = torch.randn(6, 8)
+    gate = torch.tanh(model.attention_v(bag)) * torch.sigmoid(model.attention_u(bag))
+    weights = torch.softmax(model.attention_w(gate)[:, 0], dim=0)
+    torch.testing.assert_close(model(bag)["logits"], model.classifier(weights @ bag))
+    torch.testing.assert_close(model.attention_scores(bag), weights)
+
+
+def test_build_model_rejects_unknown_name() -> None:
+    with pytest.raises(ValueError, match="transmil"):
+        build_model("transmil", 32, 2)
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_checkpoint_round_trip_with_weights_only(name: str, tmp_path) -> None:
+    torch.manual_seed(0)
+    kwargs = {"n_tokens": 4, "inner_dim": 16} if name == "asmil" else {"hidden": 32}
+    model = build_model(name, 32, 3, **kwargs)
+    path = tmp_path / "model.pt"
+    save_checkpoint(
+        path, model, model_name=name, model_kwargs=kwargs, classes=["a", "b", "c"], in_dim=32, epoch=4,
+        params={"lr": 1e-4, "max_tiles": None, "models": {name: kwargs}},
+    )
+    raw = torch.load(path, weights_only=True)
+    assert raw["epoch"] == 4 and raw["classes"] == ["a", "b", "c"] and raw["model_kwargs"] == kwargs
+    loaded, checkpoint = load_model(path)
+    assert not loaded.training and checkpoint["model_name"] == name
+    bag = torch.randn(50, 32)
+    model.eval()
+    torch.testing.assert_close(loaded(bag)["logits"], model(bag)["logits"], rtol=0, atol=0)
+    torch.testing.assert_close(loaded.attention_scores(bag), model.attention_scores(bag), rtol=0, atol=0)
+    assert not list(tmp_path.glob(".*"))  # atomic write leaves no temporary behind
