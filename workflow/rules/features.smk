@@ -1,4 +1,7 @@
 
+# Settings that change speed, never results: not params, so editing them re-runs nothing.
+PERFORMANCE_ONLY = ("threads", "batch_size", "num_workers")
+
 
 rule features:
     input:
@@ -7,7 +10,7 @@ rule features:
     output:
         store=directory(FEATURES),
     params:
-        args=lambda wc: cli_args("features", exclude=("threads",)),
+        args=lambda wc: cli_args("features", exclude=PERFORMANCE_ONLY),
         mpp=mpp_args,
         version=VERSION,
     threads: config["features"]["threads"]
@@ -19,4 +22,6 @@ rule features:
         f"{OUT}/benchmarks/features/{TILING}/{ENCODER}/{{slide}}.tsv"
     shell:
         "{PY} -m wsi_asmil.features --slide {input.slide:q} --tiles {input.tiles:q}"
-        " --out {output.store:q} {params.args} --threads {threads} {params.mpp} > {log:q} 2>&1"
+        " --out {output.store:q} {params.args} {params.mpp} --threads {threads}"
+        " --batch-size {config[features][batch_size]} --num-workers {config[features][num_workers]}"
+        " > {log:q} 2>&1"

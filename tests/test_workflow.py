@@ -1,0 +1,148 @@
+"""The Snakemake workflow through its command line: config validation, a whole run on a tiny demo
+cohort, and reruns that follow config edits exactly."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from wsi_asmil import store
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(REPO)]
+
+TINY = {
+    "demo": {"n_slides": 8, "seed": 1, "width": 2560, "height": 2048},
+    "split": {"folds": 2},
+    "train": {"epochs": 3, "models": ["asmil", "abmil"]},
+    "features": {"threads": 2},
+}
+
+
+def snakemake(*args: str, config: dict | None = None, tmp: Path, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [*SNAKEMAKE, "--cores", "2"]
+    if config is not None:
+        cfg = tmp / f"config-{abs(hash(json.dumps(config, sort_keys=True)))}.yaml"
+        cfg.write_text(yaml.safe_dump(config))
+        cmd += ["--configfile", str(cfg)]
+    proc = subprocess.run([*cmd, *args], capture_output=True, text=True, cwd=REPO)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    return proc
+
+
+def planned_rules(proc: subprocess.CompletedProcess) -> dict[str, int]:
+    """Rule -> job count from the 'Job stats' table of a dry run."""
+    text = proc.stdout + proc.stderr
+    if "Nothing to be done" in text:
+        return {}
+    table = text.split("Job stats:")[1].split("\n\n")[0]
+    counts = {}
+    for line in table.splitlines():
+        m = re.match(r"^(\w+)\s+(\d+)$", line.strip())
+        if m and m.group(1) not in ("total", "all"):
+            counts[m.group(1)] = int(m.group(2))
+    return counts
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    out = json.loads(json.dumps(base))
+    for k, v in extra.items():
+        out[k] = deep_merge(out.get(k, {}), v) if isinstance(v, dict) else v
+    return out
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    tmp = tmp_path_factory.mktemp("run")
+    config = {**TINY, "out_dir": str(tmp / "out")}
+    snakemake(config=config, tmp=tmp)
+    return tmp, config
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ({"bogus_key": 1}, "bogus_key"),
+        ({"tiling": {"tile_size": "big"}}, "tile_size"),
+        ({"tiling": {"overlap": 1.5}}, "overlap"),
+        ({"train": {"asmil": {"anchor_mode": "sometimes"}}}, "anchor_mode"),
+    ],
+)
+def test_bad_config_fails_before_any_job(tmp_path: Path, override: dict, key: str) -> None:
+    proc = snakemake("-n", config={**override, "out_dir": str(tmp_path / "out")}, tmp=tmp_path, check=False)
+    assert proc.returncode != 0
+    assert key in proc.stdout + proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_whole_workflow_outputs(finished_run: tuple[Path, dict]) -> None:
+    tmp, config = finished_run
+    out = Path(config["out_dir"])
+    ids = [f"demo_{i:03d}" for i in range(8)]
+    labels = pd.read_csv(out / "demo" / "labels.csv")
+    assert sorted(labels["slide_id"]) == ids
+    for sid in ids:
+        for name in ("mask.png", "mask.json", "tissue.geojson", "qc.jpg"):
+            assert (out / "segment" / sid / name).stat().st_size > 0
+        coords, _, tiles_attrs = store.read_tiles(out / "tiles" / "0.5mpp_224px" / f"{sid}.zarr")
+        feats, fcoords, attrs = store.read_features(out / "features" / "0.5mpp_224px" / "resnet18" / f"{sid}.zarr")
+        assert len(coords) > 0 and np.array_equal(coords, fcoords)
+        assert feats.shape == (len(coords), 512) and np.isfinite(feats).all()
+        assert attrs["weights"] == "random(seed=0)" and tiles_attrs["mpp"] == pytest.approx(0.25)
+        assert (out / "heatmaps" / "asmil" / f"{sid}.png").stat().st_size > 0
+        scores = pd.read_csv(out / "heatmaps" / "asmil" / f"{sid}_scores.csv")
+        assert len(scores) == len(coords) and scores["score"].sum() == pytest.approx(1.0, abs=1e-3)
+    for model in ("asmil", "abmil"):
+        for k in range(2):
+            d = out / "models" / model / f"fold{k}"
+            assert {"model.pt", "last.pt", "history.csv", "predictions.csv", "metrics.json", "curves.png"} <= {p.name for p in d.iterdir()}
+            assert len(pd.read_csv(d / "history.csv")) == 3
+    report = json.loads((out / "report" / "metrics.json").read_text())
+    for model in ("asmil", "abmil"):
+        assert len(report[model]["folds"]) == 2
+        assert 0 <= report[model]["test"]["acc"]["mean"] <= 1
+    preds = pd.read_csv(out / "report" / "predictions.csv")
+    assert sorted(preds[preds["model"] == "asmil"]["slide_id"]) == ids  # each slide tested once
+    assert (out / "report" / "metrics.md").read_text().count("|") > 10
+    for rule in ("segment", "tile", "features", "train", "heatmap"):
+        assert any((out / "logs" / rule).rglob("*.log"))
+        assert any((out / "benchmarks" / rule).rglob("*.tsv"))
+
+
+def rerun_plan(finished_run: tuple[Path, dict], edit: dict) -> dict[str, int]:
+    tmp, config = finished_run
+    return planned_rules(snakemake("-n", config=deep_merge(config, edit), tmp=tmp))
+
+
+def test_nothing_to_do_after_a_run(finished_run: tuple[Path, dict]) -> None:
+    assert rerun_plan(finished_run, {}) == {}
+
+
+@pytest.mark.parametrize(
+    "edit,expected",
+    [
+        ({"segment": {"min_saturation": 20}}, {"segment": 8, "tile": 8, "features": 8, "train": 4, "report": 1, "heatmap": 8}),
+        ({"tiling": {"tile_size": 256}}, {"tile": 8, "features": 8, "train": 4, "report": 1, "heatmap": 8}),
+        ({"features": {"precision": "fp32"}}, {"features": 8, "train": 4, "report": 1, "heatmap": 8}),
+        ({"features": {"batch_size": 32, "num_workers": 0}}, {}),
+        ({"train": {"lr": 0.0002}}, {"train": 4, "report": 1, "heatmap": 8}),
+        ({"train": {"asmil": {"beta": 0.5}}}, {"train": 2, "report": 1, "heatmap": 8}),
+        ({"train": {"abmil": {"hidden": 64}}}, {"train": 2, "report": 1}),
+        ({"heatmap": {"cmap": "viridis"}}, {"heatmap": 8}),
+    ],
+    ids=["segment", "tiling", "features", "speed-only", "train", "asmil-only", "abmil-only", "heatmap"],
+)
+def test_config_edit_reruns_exactly_the_affected_stages(
+    finished_run: tuple[Path, dict], edit: dict, expected: dict[str, int]
+) -> None:
+    assert rerun_plan(finished_run, edit) == expected
