@@ -39,9 +39,9 @@ def real_slide() -> Path:
 
 @pytest.fixture(scope="session")
 def demo_slides(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A small synthetic tumour slide and a normal one, with ground-truth masks beside them."""
+    """Three small synthetic slides (tumour, normal with pen marks, tumour), with ground truth."""
     from wsi_asmil.synthetic import write_cohort
 
     out = tmp_path_factory.mktemp("demo")
-    write_cohort(out, n_slides=2, seed=3, width=3072, height=2304, mpp=0.25)
+    write_cohort(out, n_slides=3, seed=3, width=3072, height=2304, mpp=0.25)
     return {p.stem: p for p in sorted((out / "slides").glob("*.svs"))}

@@ -94,13 +94,16 @@ def test_blank_slide_writes_empty_outputs(tmp_path: Path, caplog: pytest.LogCapt
     assert geo["features"] == []
 
 
-def test_demo_slide_matches_truth(demo_slides: dict[str, Path], tmp_path: Path) -> None:
+def test_demo_slides_match_truth(demo_slides: dict[str, Path], tmp_path: Path) -> None:
+    """IoU >= 0.95 with the generator's tissue; ink over tissue is excluded on purpose, so the
+    slide with pen marks agrees a little less."""
     from wsi_asmil.synthetic import read_truth
 
     for sid, path in demo_slides.items():
-        seg_dir = tmp_path / sid
-        segment_slide(path, seg_dir, SegmentParams())
-        mask, meta = load_mask(seg_dir)
-        truth = read_truth(path)
+        meta = json.loads((path.parent.parent / "truth" / f"{sid}.json").read_text())
+        segment_slide(path, tmp_path / sid, SegmentParams())
+        mask, _ = load_mask(tmp_path / sid)
+        truth = read_truth(path.parent.parent / "truth", sid)
         tissue = cv2.resize(truth.tissue.astype(np.uint8), mask.shape[::-1], interpolation=cv2.INTER_NEAREST) > 0
-        assert iou(mask, tissue) >= 0.95, (sid, iou(mask, tissue))
+        expected = 0.9 if meta["spec"]["pen_marks"] else 0.95
+        assert iou(mask, tissue) >= expected, (sid, iou(mask, tissue))

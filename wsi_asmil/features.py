@@ -170,7 +170,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = p.parse_args(argv)
     setup_logging()
-    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) - args.num_workers))
+    cores = os.cpu_count() or 1
+    torch.set_num_threads(min(args.threads, cores) if args.threads else max(1, cores - args.num_workers))
     encoder = build_encoder(args.encoder, args.weights, args.seed)
     extract_slide(
         args.slide, args.tiles, args.out, encoder, args.device, args.precision,

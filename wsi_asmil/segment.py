@@ -31,10 +31,10 @@ class SegmentParams:
     mpp: float = 8.0
     threshold: str | int = "otsu"
     min_saturation: int = 15
-    median_um: float = 56.0
-    close_um: float = 64.0
+    median_um: float = 24.0
+    close_um: float = 24.0
     min_area_um2: float = 20000.0
-    min_hole_area_um2: float = 20000.0
+    min_hole_area_um2: float = 4000.0
     exclude_pen: bool = True
     exclude_dark: bool = True
     dark_value: int = 40

@@ -1,0 +1,29 @@
+"""MIL models (ASMIL, ABMIL, ABMIL + anchor), their anchor, NSF and loss, and the model registry."""
+
+from wsi_asmil.models.abmil import ABMIL
+from wsi_asmil.models.asmil import ASMIL, select_tokens
+from wsi_asmil.models.attention import MultiHeadCrossAttention
+from wsi_asmil.models.base import MILModel
+from wsi_asmil.models.ema import ANCHOR_MODES, Anchor
+from wsi_asmil.models.loss import AS_REDUCTIONS, MILLoss, stabilization_loss
+from wsi_asmil.models.nsf import nsf
+from wsi_asmil.models.registry import MODELS, build_model, load_model, model_spec, save_checkpoint
+
+__all__ = [
+    "ABMIL",
+    "ANCHOR_MODES",
+    "AS_REDUCTIONS",
+    "ASMIL",
+    "MILLoss",
+    "MILModel",
+    "MODELS",
+    "Anchor",
+    "MultiHeadCrossAttention",
+    "build_model",
+    "load_model",
+    "model_spec",
+    "nsf",
+    "save_checkpoint",
+    "select_tokens",
+    "stabilization_loss",
+]

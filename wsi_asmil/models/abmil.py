@@ -1,0 +1,36 @@
+"""Gated-attention ABMIL (Ilse et al. 2018), the baseline and the host of the Anchor + NSF plug-in."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from wsi_asmil.models.base import MILModel
+
+
+class ABMIL(MILModel):
+    """Attention logits ``w^T (tanh(V h) * sigmoid(U h))``, softmax over tiles, weighted mean, Linear.
+
+    ``attn_logits`` is returned as (1, 1, M) so the stabilisation loss written for ASMIL's
+    (H, N, M) applies unchanged when the anchor plug-in is enabled.
+    """
+
+    def __init__(self, in_dim: int, n_classes: int, hidden: int = 128, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.in_dim = in_dim
+        self.attention_v = nn.Linear(in_dim, hidden)
+        self.attention_u = nn.Linear(in_dim, hidden)
+        self.attention_w = nn.Linear(hidden, 1)
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(in_dim, n_classes)
+
+    def attention_logits(self, bag: torch.Tensor) -> torch.Tensor:
+        self.check_bag(bag)
+        gated = torch.tanh(self.attention_v(bag)) * torch.sigmoid(self.attention_u(bag))
+        return self.attention_w(self.dropout(gated)).T.unsqueeze(0)
+
+    def forward(self, bag: torch.Tensor) -> dict[str, torch.Tensor]:
+        attn_logits = self.attention_logits(bag)
+        weights = torch.softmax(attn_logits[0, 0], dim=-1)
+        pooled = self.dropout(weights.to(bag.dtype) @ bag)
+        return {"logits": self.classifier(pooled), "attn_logits": attn_logits}

@@ -1,0 +1,48 @@
+"""The contract every MIL model here honours, so training, the loss and heatmaps stay model-agnostic."""
+
+from __future__ import annotations
+
+import abc
+
+import torch
+from torch import nn
+
+
+class MILModel(nn.Module, metaclass=abc.ABCMeta):
+    """A bag (M, D_feat) in; ``forward`` returns ``{"logits": (C,), "attn_logits": (H, N, M)}``.
+
+    ``attn_logits`` always has a head and a query axis (ABMIL uses (1, 1, M)) so one stabilisation
+    loss and one instability metric serve every model.
+    """
+
+    in_dim: int
+
+    @abc.abstractmethod
+    def attention_logits(self, bag: torch.Tensor) -> torch.Tensor:
+        """Pre-softmax attention (H, N, M) without the classification head (all the anchor needs)."""
+
+    def check_bag(self, bag: torch.Tensor) -> None:
+        """Fail early with a readable message rather than deep inside an einsum."""
+        if bag.ndim != 2 or bag.shape[1] != self.in_dim:
+            raise ValueError(f"expected a bag of shape (M, {self.in_dim}), got {tuple(bag.shape)}")
+        if bag.shape[0] == 0:
+            raise ValueError("empty bag: a slide without tiles has no attention to compute")
+
+    @torch.no_grad()
+    def attention_scores(self, bag: torch.Tensor) -> torch.Tensor:
+        """Per-tile score (M,): softmax over tiles, mean over heads and queries, in eval mode.
+
+        Used by heatmaps and the instability metric, so it must not depend on the module's current
+        mode or on token dropout; the previous mode is restored afterwards. The bag is moved to the
+        model's device; the result stays there.
+        """
+        param = next(self.parameters())
+        was_training = self.training
+        self.eval()
+        try:
+            bag = torch.as_tensor(bag).to(device=param.device, dtype=torch.float32)
+            self.check_bag(bag)
+            logits = self.attention_logits(bag).float()
+            return torch.softmax(logits, dim=-1).mean(dim=(0, 1))
+        finally:
+            self.train(was_training)

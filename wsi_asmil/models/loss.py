@@ -1,0 +1,62 @@
+"""Slide cross-entropy plus the attention-stabilisation loss L_AS = KL(NSF(anchor / tau) || softmax(online))."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from wsi_asmil.models.nsf import nsf
+
+AS_REDUCTIONS = ("distribution_mean", "element_mean")
+
+
+def stabilization_loss(
+    online_logits: torch.Tensor,
+    anchor_logits: torch.Tensor,
+    tau: float = 0.5,
+    reduction: str = "distribution_mean",
+) -> torch.Tensor:
+    """L_AS over (H, N, M) logits; the target is detached and the maths runs in float32.
+
+    ``distribution_mean`` is the paper's KL: summed over tiles, averaged over heads and tokens.
+    ``element_mean`` reproduces the released code: the mean of ``-T * log P`` over all H*N*M
+    elements, i.e. cross-entropy without the target-entropy constant and with an effective weight
+    of 1/M. ``log P`` comes from ``log_softmax`` so it cannot underflow to ``-inf``.
+    """
+    target = nsf(anchor_logits.detach().float(), tau)
+    log_p = F.log_softmax(online_logits.float(), dim=-1)
+    if reduction == "element_mean":
+        return -(target * log_p).mean()
+    if reduction == "distribution_mean":
+        return (torch.xlogy(target, target) - target * log_p).sum(dim=-1).mean()
+    raise ValueError(f"as_reduction must be one of {AS_REDUCTIONS}, got {reduction!r}")
+
+
+class MILLoss(nn.Module):
+    """``CE(slide logits, y) + beta * L_AS``; without anchor logits it is plain CE."""
+
+    def __init__(
+        self, beta: float = 1.0, tau: float = 0.5, reduction: str = "distribution_mean"
+    ) -> None:
+        super().__init__()
+        if reduction not in AS_REDUCTIONS:
+            raise ValueError(f"as_reduction must be one of {AS_REDUCTIONS}, got {reduction!r}")
+        self.beta = beta
+        self.tau = tau
+        self.reduction = reduction
+
+    def forward(
+        self,
+        logits: torch.Tensor,
+        label: torch.Tensor,
+        attn_logits: torch.Tensor | None = None,
+        anchor_logits: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Returns ``{"loss", "ce", "as"}``; ``as`` is zero when no anchor logits are given."""
+        ce = F.cross_entropy(logits.float().unsqueeze(0), label.reshape(1))
+        if anchor_logits is None or attn_logits is None:
+            stab = torch.zeros((), device=ce.device)
+        else:
+            stab = stabilization_loss(attn_logits, anchor_logits, self.tau, self.reduction)
+        return {"loss": ce + self.beta * stab, "ce": ce, "as": stab}

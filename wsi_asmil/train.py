@@ -1,0 +1,591 @@
+"""Train one fold of one MIL model on frozen tile features and write its evaluation artefacts.
+
+Protocol (spec section 6): AdamW, cosine decay per step to zero without warm-up, global-norm
+gradient clipping, one bag per step, everything seeded. Validation every epoch selects the epoch
+with the highest val macro F1 + val AUC; the attention of val and test slides is recorded each
+epoch for the instability (PI) metric. Usage::
+
+    python -m wsi_asmil.train --features-dir DIR --split split.json --fold 0 --model asmil \\
+        --params '{"epochs": 50}' --out-dir results/models/asmil/fold0
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import logging
+import math
+import os
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from wsi_asmil.cli import setup_logging
+from wsi_asmil.metrics import classification_metrics, last_mean, mean_jsd
+from wsi_asmil.models import Anchor, MILLoss, MILModel, build_model, model_spec, save_checkpoint
+from wsi_asmil.io import atomic_path
+from wsi_asmil.store import read_features
+
+logger = logging.getLogger(__name__)
+
+_ANCHOR_DEFAULTS: dict[str, Any] = {
+    "anchor_mode": "ema",  # "ema" (paper) or "frozen_random" (released code: never updated)
+    "anchor_momentum": 0.999,  # EMA momentum m: anchor <- m * anchor + (1 - m) * online
+    "tau": 0.5,  # NSF temperature of the anchor target
+    "beta": 1.0,  # weight of L_AS; 0 trains without the anchor (the ablation)
+    "as_reduction": "distribution_mean",  # "distribution_mean" (paper KL), "element_mean" (released)
+}
+_ABMIL_DEFAULTS: dict[str, Any] = {
+    "hidden": 128,  # gated-attention hidden size
+    "dropout": 0.0,  # dropout on the gated hidden layer and the pooled feature
+}
+
+DEFAULT_PARAMS: dict[str, Any] = {
+    "epochs": 20,  # demo default; the paper trains 50 (100 for SSL features)
+    "lr": 1e-4,  # AdamW peak learning rate, cosine-decayed per step to 0, no warm-up
+    "weight_decay": 1e-5,  # AdamW decoupled weight decay (betas fixed at 0.9 / 0.999)
+    "grad_clip": 5.0,  # max global gradient norm; null or 0 disables clipping
+    "seed": 0,  # seeds python, numpy and torch, the data order and the tile subsets
+    "max_tiles": None,  # training-only cap on tiles per bag (random subset each step); null = all
+    "amp": False,  # bf16 autocast on CUDA (ignored on CPU); weights stay fp32
+    "models": {
+        "asmil": {
+            "n_tokens": 8,  # FEAT tokens N, each with its own multi-head cross-attention
+            "token_drop": 0.5,  # B: share (fixed) or probability (bernoulli) of dropped tokens
+            "token_drop_mode": "fixed",  # "fixed": round(B*N) tokens; "bernoulli": each w.p. B
+            "aggregator_depth": 1,  # CLS cross-attention layers over the kept tokens
+            "inner_dim": None,  # D after the reduction; null = D_feat // 2 (128 for ViT-S)
+            "n_heads": 8,  # attention heads H in every cross-attention
+            "dropout": 0.1,  # dropout after each attention output projection
+            **_ANCHOR_DEFAULTS,
+        },
+        "abmil": dict(_ABMIL_DEFAULTS),
+        "abmil_anchor": {**_ABMIL_DEFAULTS, **_ANCHOR_DEFAULTS},
+    },
+}
+
+ANCHOR_KEYS = tuple(_ANCHOR_DEFAULTS)
+SPLIT_PARTS = ("train", "val", "test")
+
+AutocastFactory = Callable[[], contextlib.AbstractContextManager[Any]]
+
+
+# --- parameters ------------------------------------------------------------------------------------
+
+
+def resolve_params(params: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``DEFAULT_PARAMS`` overlaid with ``params``; an unknown key raises ValueError naming it.
+
+    Strictness matters because a misspelt hyper-parameter would otherwise silently train with the
+    default and produce a plausible but wrong result.
+    """
+    resolved = copy.deepcopy(DEFAULT_PARAMS)
+    for key, value in (params or {}).items():
+        if key not in resolved:
+            raise ValueError(f"unknown training parameter {key!r}")
+        if key != "models":
+            resolved[key] = value
+            continue
+        for name, overrides in (value or {}).items():
+            if name not in resolved["models"]:
+                raise ValueError(f"unknown model {name!r} in params['models']")
+            for sub_key, sub_value in (overrides or {}).items():
+                if sub_key not in resolved["models"][name]:
+                    raise ValueError(f"unknown parameter {sub_key!r} for model {name!r}")
+                resolved["models"][name][sub_key] = sub_value
+    return resolved
+
+
+def split_model_params(model_params: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Architecture kwargs (saved in the checkpoint) and anchor/loss settings (training only)."""
+    arch = {k: v for k, v in model_params.items() if k not in ANCHOR_KEYS}
+    anchor = {k: v for k, v in model_params.items() if k in ANCHOR_KEYS}
+    return arch, anchor
+
+
+# --- data ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Bag:
+    """One slide's features and label, already on the training device."""
+
+    slide_id: str
+    label: int
+    features: torch.Tensor
+    target: torch.Tensor
+
+
+@dataclass(frozen=True)
+class FoldData:
+    classes: list[str]
+    bags: dict[str, list[Bag]]
+    skipped: list[str]
+    in_dim: int
+
+
+def load_split(
+    split: str | os.PathLike[str] | Mapping[str, Any], fold: int
+) -> tuple[list[str], dict[str, str], dict[str, list[str]]]:
+    """(classes, labels, {"train", "val", "test": slide ids}) of ``fold`` in a split file or dict."""
+    data = split if isinstance(split, Mapping) else json.loads(Path(split).read_text())
+    folds = data["folds"]
+    if not 0 <= fold < len(folds):
+        raise ValueError(f"fold {fold} out of range: the split has {len(folds)} folds")
+    parts = {name: list(folds[fold].get(name, [])) for name in SPLIT_PARTS}
+    return list(data["classes"]), dict(data["labels"]), parts
+
+
+def load_bags(
+    features_dir: str | os.PathLike[str],
+    slide_ids: Sequence[str],
+    labels: Mapping[str, str],
+    classes: Sequence[str],
+    device: torch.device,
+) -> tuple[list[Bag], list[str]]:
+    """Read each slide's features once onto ``device``; returns (bags, skipped empty slides).
+
+    A slide without tissue (M = 0) has no attention distribution and no prediction, so it is left
+    out of training and of every metric, with a warning rather than an error: one empty slide must
+    not stop a cohort.
+    """
+    class_index = {c: i for i, c in enumerate(classes)}
+    bags, skipped = [], []
+    for slide_id in slide_ids:
+        if slide_id not in labels:
+            raise ValueError(f"slide {slide_id!r} has no label in the split")
+        if labels[slide_id] not in class_index:
+            raise ValueError(
+                f"slide {slide_id!r} has label {labels[slide_id]!r}, not one of {list(classes)}"
+            )
+        features, _, _ = read_features(Path(features_dir) / f"{slide_id}.zarr")
+        if features.shape[0] == 0:
+            logger.warning("slide %s has no tiles (M = 0): skipped", slide_id)
+            skipped.append(slide_id)
+            continue
+        label = class_index[labels[slide_id]]
+        features_t = torch.from_numpy(features).to(device)
+        bags.append(Bag(slide_id, label, features_t, torch.tensor(label, device=device)))
+    return bags, skipped
+
+
+def load_fold(
+    features_dir: str | os.PathLike[str],
+    split: str | os.PathLike[str] | Mapping[str, Any],
+    fold: int,
+    device: torch.device,
+) -> FoldData:
+    """All bags of one fold in memory on ``device`` (features are small; no per-epoch I/O)."""
+    classes, labels, parts = load_split(split, fold)
+    bags: dict[str, list[Bag]] = {}
+    skipped: list[str] = []
+    for part, ids in parts.items():
+        bags[part], part_skipped = load_bags(features_dir, ids, labels, classes, device)
+        skipped += [s for s in part_skipped if s not in skipped]
+    if not bags["train"]:
+        raise ValueError(f"fold {fold} has no non-empty training slide")
+    dims = {b.features.shape[1] for group in bags.values() for b in group}
+    if len(dims) != 1:
+        raise ValueError(f"feature dimensions differ between slides: {sorted(dims)}")
+    return FoldData(classes, bags, skipped, dims.pop())
+
+
+# --- optimisation ----------------------------------------------------------------------------------
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda requested but CUDA is not available")
+    return torch.device(device)
+
+
+def autocast_factory(device: torch.device, amp: bool) -> AutocastFactory:
+    """bf16 autocast on CUDA when asked; a no-op context otherwise (CPU runs stay exact fp32)."""
+    if amp and device.type == "cuda":
+        return lambda: torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def cosine_schedule(
+    optimizer: torch.optim.Optimizer, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step cosine decay from the base rate to 0 over ``total_steps``, without warm-up."""
+    total = max(1, total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+    )
+
+
+@dataclass
+class Trainer:
+    """The online model with everything that only exists during training."""
+
+    model: MILModel
+    anchor: Anchor | None
+    loss_fn: MILLoss
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    rng: np.random.Generator
+    params: dict[str, Any]
+    autocast: AutocastFactory
+
+
+def build_trainer(
+    model_name: str, data: FoldData, params: dict[str, Any], device: torch.device
+) -> Trainer:
+    """Seed, then build model, anchor, loss, AdamW and schedule in a fixed order (reproducibility)."""
+    arch_kwargs, anchor_cfg = split_model_params(params["models"][model_name])
+    seed_everything(int(params["seed"]))
+    model = build_model(model_name, data.in_dim, len(data.classes), **arch_kwargs).to(device)
+    anchor, loss_fn = None, MILLoss()
+    if model_spec(model_name).anchored and float(anchor_cfg["beta"]) > 0:
+        anchor = Anchor(model, anchor_cfg["anchor_mode"], float(anchor_cfg["anchor_momentum"]))
+        anchor = anchor.to(device)
+        loss_fn = MILLoss(
+            float(anchor_cfg["beta"]), float(anchor_cfg["tau"]), anchor_cfg["as_reduction"]
+        )
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=float(params["lr"]),
+        betas=(0.9, 0.999),
+        weight_decay=float(params["weight_decay"]),
+    )
+    scheduler = cosine_schedule(optimizer, int(params["epochs"]) * len(data.bags["train"]))
+    return Trainer(
+        model, anchor, loss_fn, optimizer, scheduler, np.random.default_rng(int(params["seed"])),
+        params, autocast_factory(device, bool(params["amp"])),
+    )
+
+
+def train_one_epoch(trainer: Trainer, bags: Sequence[Bag], desc: str = "train") -> dict[str, float]:
+    """One pass over ``bags`` in a seeded random order, one bag per optimizer step."""
+    t = trainer
+    t.model.train()
+    totals = {"loss": 0.0, "ce": 0.0, "as": 0.0}
+    max_tiles = t.params["max_tiles"]
+    for i in tqdm(t.rng.permutation(len(bags)), desc=desc, leave=False, disable=None):
+        bag = bags[i]
+        x = bag.features
+        if max_tiles and x.shape[0] > max_tiles:
+            subset = np.sort(t.rng.choice(x.shape[0], size=max_tiles, replace=False))
+            x = x[torch.from_numpy(subset).to(x.device)]
+        with t.autocast():
+            out = t.model(x)
+            anchor_logits = t.anchor.attention_logits(x) if t.anchor is not None else None
+        losses = t.loss_fn(out["logits"], bag.target, out["attn_logits"], anchor_logits)
+        t.optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        if t.params["grad_clip"]:
+            torch.nn.utils.clip_grad_norm_(t.model.parameters(), float(t.params["grad_clip"]))
+        t.optimizer.step()
+        t.scheduler.step()
+        if t.anchor is not None:
+            t.anchor.update(t.model)
+        for key in totals:
+            totals[key] += float(losses[key].detach())
+    return {key: value / len(bags) for key, value in totals.items()}
+
+
+# --- evaluation ------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalResult:
+    slide_ids: list[str]
+    labels: np.ndarray
+    probs: np.ndarray
+    loss: float
+    attention: dict[str, np.ndarray]
+
+    def metrics(self) -> dict[str, float]:
+        return {"loss": self.loss, **classification_metrics(self.labels, self.probs)}
+
+
+@torch.no_grad()
+def evaluate(
+    model: MILModel, bags: Sequence[Bag], n_classes: int, autocast: AutocastFactory
+) -> EvalResult:
+    """Eval-mode probabilities, mean slide CE, and each slide's attention vector (M,).
+
+    The validation loss is the slide cross-entropy only: L_AS depends on the anchor, a training
+    device that would make losses of different anchor settings incomparable.
+    """
+    model.eval()
+    probs, losses, attention = [], [], {}
+    for bag in bags:
+        with autocast():
+            out = model(bag.features)
+        logits = out["logits"].float()
+        losses.append(float(F.cross_entropy(logits[None], bag.target[None])))
+        probs.append(torch.softmax(logits, dim=-1).cpu().numpy())
+        weights = torch.softmax(out["attn_logits"].float(), dim=-1).mean(dim=(0, 1))
+        attention[bag.slide_id] = weights.cpu().numpy()
+    return EvalResult(
+        slide_ids=[b.slide_id for b in bags],
+        labels=np.array([b.label for b in bags], dtype=np.int64),
+        probs=np.stack(probs) if probs else np.zeros((0, n_classes)),
+        loss=float(np.mean(losses)) if losses else math.nan,
+        attention=attention,
+    )
+
+
+def selection_score(val: Mapping[str, float]) -> float:
+    """val macro F1 + val AUC; an undefined term (e.g. a single-class val set) counts as 0."""
+    return sum(0.0 if math.isnan(val[k]) else val[k] for k in ("f1_macro", "auc"))
+
+
+@dataclass
+class Snapshot:
+    """Everything reported about one epoch, so the selected epoch needs no re-evaluation."""
+
+    epoch: int
+    state: dict[str, torch.Tensor]
+    val: EvalResult
+    test: EvalResult
+    score: float
+
+
+@dataclass
+class RunResult:
+    history: pd.DataFrame
+    best: Snapshot
+    last: Snapshot
+
+
+def run_epochs(trainer: Trainer, data: FoldData, label: str) -> RunResult:
+    """Train every epoch; evaluate val and test, track the instability and the selected epoch.
+
+    Test slides are evaluated every epoch only because their attention enters the instability
+    curve; only the snapshot chosen on validation (and the last one) is ever reported.
+    """
+    epochs = int(trainer.params["epochs"])
+    if epochs < 1:
+        raise ValueError("epochs must be >= 1")
+    n_classes = len(data.classes)
+    rows: list[dict[str, float]] = []
+    previous: dict[str, np.ndarray] | None = None
+    best: Snapshot | None = None
+    bar = tqdm(range(1, epochs + 1), desc=label, disable=None)
+    for epoch in bar:
+        stats = train_one_epoch(trainer, data.bags["train"], desc=f"epoch {epoch}")
+        val = evaluate(trainer.model, data.bags["val"], n_classes, trainer.autocast)
+        test = evaluate(trainer.model, data.bags["test"], n_classes, trainer.autocast)
+        attention = {**val.attention, **test.attention}
+        jsd = math.nan if previous is None else mean_jsd(previous, attention)
+        previous = attention
+        vm = val.metrics()
+        rows.append({
+            "epoch": epoch, "train_loss": stats["loss"], "train_ce": stats["ce"],
+            "train_as": stats["as"], "val_loss": vm["loss"], "val_acc": vm["acc"],
+            "val_f1_macro": vm["f1_macro"], "val_auc": vm["auc"], "jsd": jsd,
+        })
+        logger.info(
+            "%s epoch %d/%d loss %.4f (ce %.4f as %.4f) val loss %.4f acc %.3f f1 %.3f auc %.3f "
+            "jsd %.4g", label, epoch, epochs, stats["loss"], stats["ce"], stats["as"], vm["loss"],
+            vm["acc"], vm["f1_macro"], vm["auc"], jsd,
+        )
+        bar.set_postfix(loss=f"{stats['loss']:.3f}", val_f1=f"{vm['f1_macro']:.3f}")
+        score = selection_score(vm)
+        is_best = bool(data.bags["val"]) and (best is None or score > best.score)
+        if is_best or epoch == epochs:
+            state = {k: v.detach().cpu().clone() for k, v in trainer.model.state_dict().items()}
+            snapshot = Snapshot(epoch, state, val, test, score)
+            best = snapshot if is_best else best
+    if best is None:
+        logger.warning("%s: no validation slides, selecting the last epoch", label)
+        best = snapshot
+    return RunResult(pd.DataFrame(rows), best, snapshot)
+
+
+# --- outputs ---------------------------------------------------------------------------------------
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN -> null so metrics.json stays strict JSON."""
+    if isinstance(value, Mapping):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def _write_csv(frame: pd.DataFrame, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
+
+
+def _write_json(data: Mapping[str, Any], path: Path) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(_json_safe(data), indent=2, allow_nan=False) + "\n")
+
+
+def plot_curves(history: pd.DataFrame, selected_epoch: int, path: Path, title: str) -> None:
+    """Loss, validation metrics and attention instability against epoch, selected epoch marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    panels = [
+        ("loss", ["train_loss", "train_ce", "train_as", "val_loss"]),
+        ("validation", ["val_acc", "val_f1_macro", "val_auc"]),
+        ("attention instability (JSD, nats)", ["jsd"]),
+    ]
+    for ax, (name, columns) in zip(axes, panels):
+        for column in columns:
+            ax.plot(history["epoch"], history[column], marker=".", label=column)
+        ax.axvline(selected_epoch, color="grey", linestyle="--", linewidth=1)
+        ax.set_xlabel("epoch")
+        ax.set_title(name)
+        ax.legend(fontsize="small")
+    fig.suptitle(title)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def predictions_frame(result: EvalResult, classes: Sequence[str]) -> pd.DataFrame:
+    """One row per test slide: class names for label and prediction, one probability per class."""
+    frame = pd.DataFrame({
+        "slide_id": result.slide_ids,
+        "label": [classes[i] for i in result.labels],
+        "pred": [classes[i] for i in result.probs.argmax(axis=1)],
+    })
+    for c, name in enumerate(classes):
+        frame[f"prob_{name}"] = result.probs[:, c]
+    frame["split"] = "test"
+    return frame
+
+
+def write_outputs(
+    out: Path, run: RunResult, data: FoldData, model_name: str, fold: int, params: dict[str, Any]
+) -> dict[str, Any]:
+    """Every artefact of the fold, each written atomically; returns the metrics.json content."""
+    meta = {
+        "model_name": model_name,
+        "model_kwargs": split_model_params(params["models"][model_name])[0],
+        "classes": data.classes,
+        "in_dim": data.in_dim,
+        "params": params,
+    }
+    save_checkpoint(out / "model.pt", run.best.state, epoch=run.best.epoch, **meta)
+    save_checkpoint(out / "last.pt", run.last.state, epoch=run.last.epoch, **meta)
+    history = run.history
+    _write_csv(history, out / "history.csv")
+    n_slides = len(data.bags["val"]) + len(data.bags["test"])
+    instability = pd.DataFrame(
+        {"epoch": history["epoch"], "jsd": history["jsd"], "n_slides": n_slides}
+    )
+    _write_csv(instability, out / "instability.csv")
+    _write_csv(predictions_frame(run.best.test, data.classes), out / "predictions.csv")
+    metrics = {
+        "model": model_name,
+        "fold": fold,
+        "seed": int(params["seed"]),
+        "selected_epoch": run.best.epoch,
+        "last_epoch": run.last.epoch,
+        "test": run.best.test.metrics(),
+        "test_last": run.last.test.metrics(),
+        "val": run.best.val.metrics(),
+        "instability_last10": last_mean(history["jsd"].tolist(), 10),
+        "skipped_empty_slides": data.skipped,
+    }
+    _write_json(metrics, out / "metrics.json")
+    plot_curves(history, run.best.epoch, out / "curves.png", f"{model_name} fold {fold}")
+    return metrics
+
+
+def train_fold(
+    features_dir: str | os.PathLike[str],
+    split: str | os.PathLike[str] | Mapping[str, Any],
+    fold: int,
+    model_name: str,
+    params: Mapping[str, Any] | None,
+    out_dir: str | os.PathLike[str],
+    device: str = "auto",
+) -> dict[str, Any]:
+    """Train ``model_name`` on fold ``fold`` and write model.pt, last.pt, history.csv,
+    instability.csv, predictions.csv, metrics.json and curves.png into ``out_dir``.
+
+    Returns the content of metrics.json (with NaN where the file has null).
+    """
+    model_spec(model_name)
+    resolved = resolve_params(params)
+    dev = resolve_device(device)
+    data = load_fold(features_dir, split, fold, dev)
+    logger.info(
+        "fold %d, %s on %s: %d train, %d val, %d test slides (%d empty skipped)",
+        fold, model_name, dev, *(len(data.bags[p]) for p in SPLIT_PARTS), len(data.skipped),
+    )
+    trainer = build_trainer(model_name, data, resolved, dev)
+    run = run_epochs(trainer, data, f"{model_name} fold {fold}")
+    metrics = write_outputs(Path(out_dir), run, data, model_name, fold, resolved)
+    test = metrics["test"]
+    logger.info(
+        "selected epoch %d: test acc %.3f macro F1 %.3f AUC %.3f",
+        run.best.epoch, test["acc"], test["f1_macro"], test["auc"],
+    )
+    return metrics
+
+
+# --- command line ----------------------------------------------------------------------------------
+
+
+def _parse_params(text: str) -> dict[str, Any]:
+    """``--params`` is a JSON file path or a JSON object literal (what Snakemake passes)."""
+    if not text.lstrip().startswith("{") and Path(text).is_file():
+        text = Path(text).read_text()
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise ValueError("--params must be a JSON object")
+    return value
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m wsi_asmil.train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--features-dir", required=True, help="folder of <slide_id>.zarr stores")
+    parser.add_argument("--split", required=True, help="split JSON (classes, labels, folds)")
+    parser.add_argument("--fold", type=int, required=True)
+    parser.add_argument("--model", required=True, help="asmil, abmil or abmil_anchor")
+    parser.add_argument("--params", default="{}", help="training params: JSON file or string")
+    parser.add_argument("--out-dir", required=True)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    args = parser.parse_args(argv)
+    setup_logging()
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    with logging_redirect_tqdm():
+        train_fold(
+            args.features_dir, args.split, args.fold, args.model, _parse_params(args.params),
+            args.out_dir, args.device,
+        )
+
+
+if __name__ == "__main__":
+    main()
