@@ -424,3 +424,24 @@ def test_checkpoint_round_trip_with_weights_only(name: str, tmp_path) -> None:
     torch.testing.assert_close(loaded(bag)["logits"], model(bag)["logits"], rtol=0, atol=0)
     torch.testing.assert_close(loaded.attention_scores(bag), model.attention_scores(bag), rtol=0, atol=0)
     assert not list(tmp_path.glob(".*"))  # atomic write leaves no temporary behind
+
+
+def test_feature_norm_is_fitted_on_training_tiles_and_travels_in_the_checkpoint(tmp_path) -> None:
+    from wsi_asmil.models import build_model, load_model, save_checkpoint
+
+    torch.manual_seed(0)
+    bags = [torch.randn(50, 16) * 3 + 5, torch.randn(30, 16) * 0.5 - 2]
+    model = build_model("asmil", 16, 2, n_tokens=2, inner_dim=8)
+    raw = model.input_norm(bags[0])
+    assert torch.equal(raw, bags[0])  # identity until fitted
+    model.input_norm.fit(bags)
+    z = model.input_norm(torch.cat(bags))
+    torch.testing.assert_close(z.mean(0), torch.zeros(16), atol=1e-5, rtol=0)
+    torch.testing.assert_close(z.std(0, unbiased=False), torch.ones(16), atol=1e-4, rtol=0)
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, model, model_name="asmil", model_kwargs={"n_tokens": 2, "inner_dim": 8},
+                    classes=["a", "b"], in_dim=16, epoch=1, params={})
+    loaded, _ = load_model(path)
+    torch.testing.assert_close(loaded.attention_scores(bags[1]), model.attention_scores(bags[1]))
+    with pytest.raises(ValueError, match="no training tiles"):
+        model.input_norm.fit([torch.zeros(0, 16)])

@@ -14,6 +14,7 @@ import pytest
 
 from wsi_asmil import synthetic
 from wsi_asmil.synthetic import SlideSpec, SlideTruth
+from wsi_asmil.synthetic.render import Renderer
 
 W, H = 2048, 1536
 TUMOUR_SPEC = SlideSpec(W, H, tumour=True, tumour_fraction=0.06, pen_marks=True, dust=True, seed=11)
@@ -176,7 +177,7 @@ def test_other_mpp_is_recorded_and_keeps_the_canvas_in_microns(tmp_path: Path) -
 
 def test_failed_write_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = {"n": 0}
-    real_tile = synthetic._Renderer.tile
+    real_tile = Renderer.tile
 
     def failing_tile(self, items, tx, ty):
         calls["n"] += 1
@@ -184,7 +185,7 @@ def test_failed_write_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.
             raise RuntimeError("killed mid-slide")
         return real_tile(self, items, tx, ty)
 
-    monkeypatch.setattr(synthetic._Renderer, "tile", failing_tile)
+    monkeypatch.setattr(Renderer, "tile", failing_tile)
     with pytest.raises(RuntimeError, match="killed mid-slide"):
         synthetic.write_slide(tmp_path / "broken.svs", SlideSpec(1024, 768, seed=1))
     assert list(tmp_path.iterdir()) == []

@@ -58,6 +58,7 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "seed": 0,  # seeds python, numpy and torch, the data order and the tile subsets
     "max_tiles": None,  # training-only cap on tiles per bag (random subset each step); null = all
     "amp": False,  # bf16 autocast on CUDA (ignored on CPU); weights stay fp32
+    "standardize": True,  # per-dimension feature standardisation from the fold's training tiles
     "models": {
         "asmil": {
             "n_tokens": 8,  # FEAT tokens N, each with its own multi-head cross-attention
@@ -255,6 +256,8 @@ def build_trainer(
     arch_kwargs, anchor_cfg = split_model_params(params["models"][model_name])
     seed_everything(int(params["seed"]))
     model = build_model(model_name, data.in_dim, len(data.classes), **arch_kwargs).to(device)
+    if params["standardize"]:
+        model.input_norm.fit([b.features for b in data.bags["train"]])
     anchor, loss_fn = None, MILLoss()
     if model_spec(model_name).anchored and float(anchor_cfg["beta"]) > 0:
         anchor = Anchor(model, anchor_cfg["anchor_mode"], float(anchor_cfg["anchor_momentum"]))

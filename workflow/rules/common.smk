@@ -12,7 +12,13 @@ from wsi_asmil.slide import discover_slides
 from wsi_asmil.synthetic import demo_slide_ids
 from wsi_asmil.tile import TileParams
 
-PY = shlex.quote(sys.executable)
+from snakemake.settings.types import DeploymentMethod
+
+# With --sdm conda each rule runs in envs/wsi-asmil.yaml; otherwise in the interpreter running
+# Snakemake (the project's virtual environment), whether or not it is activated.
+CONDA = DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
+PY = "python" if CONDA else shlex.quote(sys.executable)
+ENV = "../../envs/wsi-asmil.yaml"
 OUT = config["out_dir"].rstrip("/")
 DEMO = config["slides_dir"] is None
 

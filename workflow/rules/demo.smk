@@ -10,6 +10,8 @@ rule demo_cohort:
         args=lambda wc: cli_args("demo"),
         version=VERSION,
     threads: 2
+    conda:
+        ENV
     log:
         f"{OUT}/logs/demo_cohort.log",
     benchmark:

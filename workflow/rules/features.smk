@@ -16,6 +16,8 @@ rule features:
     threads: config["features"]["threads"]
     resources:
         gpu=1,
+    conda:
+        ENV
     log:
         f"{OUT}/logs/features/{TILING}/{ENCODER}/{{slide}}.log",
     benchmark:

@@ -16,6 +16,8 @@ rule heatmap:
         version=VERSION,
     resources:
         gpu=1,
+    conda:
+        ENV
     log:
         f"{OUT}/logs/heatmap/{{model}}/{{slide}}.log",
     benchmark:

@@ -13,6 +13,8 @@ rule report:
         models=MODELS,
         folds=len(FOLDS),
         version=VERSION,
+    conda:
+        ENV
     log:
         f"{OUT}/logs/report.log",
     benchmark:

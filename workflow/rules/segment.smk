@@ -13,6 +13,8 @@ rule segment:
         args=lambda wc: cli_args("segment"),
         mpp=mpp_args,
         version=VERSION,
+    conda:
+        ENV
     log:
         f"{OUT}/logs/segment/{{slide}}.log",
     benchmark:

@@ -13,6 +13,8 @@ rule tile:
         args=lambda wc: cli_args("tiling"),
         mpp=mpp_args,
         version=VERSION,
+    conda:
+        ENV
     log:
         f"{OUT}/logs/tile/{TILING}/{{slide}}.log",
     benchmark:

@@ -8,6 +8,8 @@ rule split:
     params:
         args=lambda wc: cli_args("split"),
         version=VERSION,
+    conda:
+        ENV
     log:
         f"{OUT}/logs/split.log",
     benchmark:
@@ -48,6 +50,8 @@ rule train:
     threads: config["train"]["threads"]
     resources:
         gpu=1,
+    conda:
+        ENV
     log:
         f"{OUT}/logs/train/{{model}}/fold{{fold}}.log",
     benchmark:

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from wsi_asmil.models.base import MILModel
+from wsi_asmil.models.norm import FeatureNorm
 
 
 class ABMIL(MILModel):
@@ -18,19 +19,23 @@ class ABMIL(MILModel):
     def __init__(self, in_dim: int, n_classes: int, hidden: int = 128, dropout: float = 0.0) -> None:
         super().__init__()
         self.in_dim = in_dim
+        self.input_norm = FeatureNorm(in_dim)
         self.attention_v = nn.Linear(in_dim, hidden)
         self.attention_u = nn.Linear(in_dim, hidden)
         self.attention_w = nn.Linear(hidden, 1)
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(in_dim, n_classes)
 
-    def attention_logits(self, bag: torch.Tensor) -> torch.Tensor:
-        self.check_bag(bag)
-        gated = torch.tanh(self.attention_v(bag)) * torch.sigmoid(self.attention_u(bag))
+    def _gated_logits(self, h: torch.Tensor) -> torch.Tensor:
+        gated = torch.tanh(self.attention_v(h)) * torch.sigmoid(self.attention_u(h))
         return self.attention_w(self.dropout(gated)).T.unsqueeze(0)
 
+    def attention_logits(self, bag: torch.Tensor) -> torch.Tensor:
+        return self._gated_logits(self.prepare(bag))
+
     def forward(self, bag: torch.Tensor) -> dict[str, torch.Tensor]:
-        attn_logits = self.attention_logits(bag)
+        h = self.prepare(bag)
+        attn_logits = self._gated_logits(h)
         weights = torch.softmax(attn_logits[0, 0], dim=-1)
-        pooled = self.dropout(weights.to(bag.dtype) @ bag)
+        pooled = self.dropout(weights.to(h.dtype) @ h)
         return {"logits": self.classifier(pooled), "attn_logits": attn_logits}

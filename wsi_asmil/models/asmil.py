@@ -7,6 +7,7 @@ from torch import nn
 
 from wsi_asmil.models.attention import MultiHeadCrossAttention
 from wsi_asmil.models.base import MILModel
+from wsi_asmil.models.norm import FeatureNorm
 
 TOKEN_DROP_MODES = ("fixed", "bernoulli")
 
@@ -66,6 +67,7 @@ class ASMIL(MILModel):
             raise ValueError("n_tokens and aggregator_depth must be >= 1")
         dim = in_dim // 2 if inner_dim is None else inner_dim
         self.in_dim = in_dim
+        self.input_norm = FeatureNorm(in_dim)
         self.dim = dim
         self.n_tokens = n_tokens
         self.token_drop = token_drop
@@ -86,12 +88,10 @@ class ASMIL(MILModel):
         nn.init.zeros_(self.cls_token)
 
     def attention_logits(self, bag: torch.Tensor) -> torch.Tensor:
-        self.check_bag(bag)
-        return self.token_attention.attention_logits(self.tokens, self.reduce(bag))
+        return self.token_attention.attention_logits(self.tokens, self.reduce(self.prepare(bag)))
 
     def forward(self, bag: torch.Tensor) -> dict[str, torch.Tensor]:
-        self.check_bag(bag)
-        token_vectors, attn_logits = self.token_attention(self.tokens, self.reduce(bag))
+        token_vectors, attn_logits = self.token_attention(self.tokens, self.reduce(self.prepare(bag)))
         if self.training and self.token_drop > 0:
             keep = select_tokens(self.n_tokens, self.token_drop, self.token_drop_mode)
             token_vectors = token_vectors[keep.to(token_vectors.device)]

@@ -7,6 +7,8 @@ import abc
 import torch
 from torch import nn
 
+from wsi_asmil.models.norm import FeatureNorm
+
 
 class MILModel(nn.Module, metaclass=abc.ABCMeta):
     """A bag (M, D_feat) in; ``forward`` returns ``{"logits": (C,), "attn_logits": (H, N, M)}``.
@@ -16,10 +18,16 @@ class MILModel(nn.Module, metaclass=abc.ABCMeta):
     """
 
     in_dim: int
+    input_norm: FeatureNorm
 
     @abc.abstractmethod
     def attention_logits(self, bag: torch.Tensor) -> torch.Tensor:
         """Pre-softmax attention (H, N, M) without the classification head (all the anchor needs)."""
+
+    def prepare(self, bag: torch.Tensor) -> torch.Tensor:
+        """Validate and standardise a bag; every model's entry points start here."""
+        self.check_bag(bag)
+        return self.input_norm(bag)
 
     def check_bag(self, bag: torch.Tensor) -> None:
         """Fail early with a readable message rather than deep inside an einsum."""
@@ -41,7 +49,6 @@ class MILModel(nn.Module, metaclass=abc.ABCMeta):
         self.eval()
         try:
             bag = torch.as_tensor(bag).to(device=param.device, dtype=torch.float32)
-            self.check_bag(bag)
             logits = self.attention_logits(bag).float()
             return torch.softmax(logits, dim=-1).mean(dim=(0, 1))
         finally:
