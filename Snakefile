@@ -16,6 +16,7 @@ validate(config, "workflow/schemas/config.schema.yaml")
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/demo.smk"
+include: "workflow/rules/inventory.smk"
 include: "workflow/rules/segment.smk"
 include: "workflow/rules/tile.smk"
 include: "workflow/rules/features.smk"
@@ -26,5 +27,5 @@ include: "workflow/rules/heatmap.smk"
 
 rule all:
     input:
-        all_outputs(),
+        all_outputs,
     default_target: True

@@ -16,6 +16,7 @@ from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from wsi_asmil.cli import setup_logging
 from wsi_asmil.cohort import LabelTableError, read_labels
+from wsi_asmil.inventory import usable_ids
 from wsi_asmil.io import write_json
 
 log = logging.getLogger(__name__)
@@ -64,10 +65,21 @@ def fixed_split(ids: list[str], splits: list[str]) -> list[dict[str, list[str]]]
 
 
 def make_split(
-    labels_csv: str | Path, mode: str, n_folds: int, val_fraction: float, seed: int
+    labels_csv: str | Path,
+    mode: str,
+    n_folds: int,
+    val_fraction: float,
+    seed: int,
+    usable: set[str] | None = None,
 ) -> dict[str, Any]:
+    """Folds over the labeled slides; with ``usable`` (the inventory), unreadable slides are left out."""
     df = read_labels(labels_csv)
     df = df[df["label"] != ""]
+    if usable is not None:
+        dropped = sorted(set(df["slide_id"]) - usable)
+        if dropped:
+            log.warning("left out of the split, unreadable (see the inventory): %s", ", ".join(dropped))
+        df = df[df["slide_id"].isin(usable)]
     ids, labels = df["slide_id"].tolist(), df["label"].tolist()
     if mode == "kfold":
         folds = kfold_splits(ids, labels, n_folds, val_fraction, seed)
@@ -94,9 +106,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--inventory", default=None, help="inventory CSV: slides it marks unusable are left out")
     args = p.parse_args(argv)
     setup_logging()
-    split = make_split(args.labels, args.mode, args.folds, args.val_fraction, args.seed)
+    usable = usable_ids(args.inventory) if args.inventory else None
+    split = make_split(args.labels, args.mode, args.folds, args.val_fraction, args.seed, usable)
     write_json(args.out, split)
     for k, f in enumerate(split["folds"]):
         log.info("fold %d: %d train, %d val, %d test", k, len(f["train"]), len(f["val"]), len(f["test"]))

@@ -8,6 +8,7 @@ sys.path.insert(0, workflow.basedir)
 
 from wsi_asmil import __version__ as VERSION
 from wsi_asmil.cohort import match_cohort
+from wsi_asmil.inventory import usable_ids
 from wsi_asmil.slide import discover_slides
 from wsi_asmil.synthetic import demo_slide_ids
 from wsi_asmil.tile import TileParams
@@ -23,13 +24,14 @@ OUT = config["out_dir"].rstrip("/")
 DEMO = config["slides_dir"] is None
 
 if DEMO:
+    SLIDES_DIR = f"{OUT}/demo/slides"
     SLIDE_IDS = demo_slide_ids(config["demo"]["n_slides"])
     LABELS = f"{OUT}/demo/labels.csv"
     TRAIN_IDS = SLIDE_IDS
     MPP_OVERRIDE = {}
 
-    def slide_path(wildcards):
-        return f"{OUT}/demo/slides/{wildcards.slide}.svs"
+    def slide_file(slide_id):
+        return f"{OUT}/demo/slides/{slide_id}.svs"
 
 else:
     if config["labels"] is None:
@@ -37,14 +39,19 @@ else:
     _found, _ignored = discover_slides(config["slides_dir"])
     for _p in _ignored:
         print(f"wsi-asmil: ignoring {_p} (not a slide extension)", file=sys.stderr)
+    SLIDES_DIR = config["slides_dir"]
     COHORT = match_cohort(config["labels"], _found)
     SLIDE_IDS = sorted(COHORT.slides)
     LABELS = config["labels"]
     TRAIN_IDS = COHORT.labeled_ids
     MPP_OVERRIDE = COHORT.mpp
 
-    def slide_path(wildcards):
-        return str(COHORT.slides[wildcards.slide])
+    def slide_file(slide_id):
+        return str(COHORT.slides[slide_id])
+
+
+def slide_path(wildcards):
+    return slide_file(wildcards.slide)
 
 
 TILING = TileParams(**config["tiling"]).tag()
@@ -52,6 +59,7 @@ ENCODER = config["features"]["encoder"].replace("/", "_").replace(":", "_")
 FOLDS = list(range(1 if config["split"]["mode"] == "fixed" else config["split"]["folds"]))
 MODELS = config["train"]["models"]
 
+INVENTORY = f"{OUT}/inventory/slides.csv"
 SEG_DIR = f"{OUT}/segment/{{slide}}"
 TILES = f"{OUT}/tiles/{TILING}/{{slide}}.zarr"
 FEATURES_DIR = f"{OUT}/features/{TILING}/{ENCODER}"
@@ -90,9 +98,15 @@ def cli_args(section, exclude=()):
     return shlex.join(args)
 
 
-def all_outputs():
+def usable(ids):
+    """The slides among ``ids`` that the inventory could open (evaluated after it has run)."""
+    ok = usable_ids(checkpoints.inventory.get().output[0])
+    return [s for s in ids if s in ok]
+
+
+def all_outputs(wildcards=None):
     return [
         f"{REPORT}/metrics.json",
         f"{REPORT}/predictions.csv",
-        *expand(f"{OUT}/heatmaps/{{model}}/{{slide}}.png", model=config["heatmap"]["models"], slide=TRAIN_IDS),
+        *expand(f"{OUT}/heatmaps/{{model}}/{{slide}}.png", model=config["heatmap"]["models"], slide=usable(TRAIN_IDS)),
     ]

@@ -3,6 +3,7 @@
 rule split:
     input:
         labels=LABELS,
+        inventory=INVENTORY,
     output:
         SPLIT,
     params:
@@ -15,7 +16,8 @@ rule split:
     benchmark:
         f"{OUT}/benchmarks/split.tsv"
     shell:
-        "{PY} -m wsi_asmil.split --labels {input.labels:q} --out {output:q} {params.args} > {log:q} 2>&1"
+        "{PY} -m wsi_asmil.split --labels {input.labels:q} --inventory {input.inventory:q}"
+        " --out {output:q} {params.args} > {log:q} 2>&1"
 
 
 MODEL_KEYS = ("asmil", "abmil", "abmil_anchor")
@@ -32,7 +34,7 @@ def train_params(wildcards):
 
 rule train:
     input:
-        features=expand(FEATURES, slide=TRAIN_IDS),
+        features=lambda wc: expand(FEATURES, slide=usable(TRAIN_IDS)),
         split=SPLIT,
     output:
         model=f"{MODEL_DIR}/model.pt",
