@@ -445,3 +445,45 @@ def test_feature_norm_is_fitted_on_training_tiles_and_travels_in_the_checkpoint(
     torch.testing.assert_close(loaded.attention_scores(bags[1]), model.attention_scores(bags[1]))
     with pytest.raises(ValueError, match="no training tiles"):
         model.input_norm.fit([torch.zeros(0, 16)])
+
+
+def test_acmil_masking_hides_a_share_of_each_branch_top_k() -> None:
+    from wsi_asmil.models.acmil import topk_mask
+
+    torch.manual_seed(0)
+    logits = torch.randn(5, 100)
+    mask = topk_mask(logits, k=10, drop=0.6)
+    assert mask.sum(dim=1).tolist() == [6] * 5
+    top = logits.topk(10, dim=1).indices
+    assert all(mask[b, top[b]].sum() == 6 for b in range(5))  # only top-k tiles are hidden
+    assert topk_mask(logits[:, :3], k=10, drop=0.6).sum(dim=1).tolist() == [2] * 5  # k capped at M
+    assert not topk_mask(torch.randn(5, 1), k=10, drop=0.6).any()  # a one-tile bag keeps its tile
+
+
+def test_acmil_outputs_and_auxiliary_loss_by_hand() -> None:
+    from wsi_asmil.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("acmil", 32, 3, n_branches=4, inner_dim=16).eval()
+    bag = torch.randn(50, 32)
+    out = model(bag)
+    assert out["logits"].shape == (3,) and out["branch_logits"].shape == (4, 3)
+    assert out["attn_logits"].shape == (1, 4, 50)
+    label = torch.tensor(2)
+    attn = torch.softmax(out["attn_logits"][0], dim=-1)
+    ce = sum(F.cross_entropy(out["branch_logits"][k : k + 1], label.view(1)) for k in range(4)) / 4
+    cos = [F.cosine_similarity(attn[i], attn[j], dim=0) for i in range(4) for j in range(i + 1, 4)]
+    expected = ce + sum(cos) / len(cos)
+    torch.testing.assert_close(model.auxiliary_loss(out, label), expected)
+    assert model.attention_scores(bag).sum().item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_softmax_target_is_the_no_nsf_ablation() -> None:
+    from wsi_asmil.models.loss import stabilization_loss
+
+    online, anchor = torch.randn(2, 3, 7), torch.randn(2, 3, 7)
+    target = torch.softmax(anchor / 0.5, dim=-1)
+    log_p = torch.log_softmax(online, dim=-1)
+    expected = (target * (target.log() - log_p)).sum(-1).mean()
+    torch.testing.assert_close(stabilization_loss(online, anchor, 0.5, "distribution_mean", "softmax"), expected)
+    assert not torch.allclose(stabilization_loss(online, anchor, 0.5, "distribution_mean", "nsf"), expected)

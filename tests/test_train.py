@@ -85,12 +85,13 @@ def test_train_fold_writes_every_output(cohort, tmp_path: Path, caplog: pytest.L
 
     history = pd.read_csv(out / "history.csv")
     assert list(history.columns) == [
-        "epoch", "train_loss", "train_ce", "train_as", "val_loss", "val_acc", "val_f1_macro", "val_auc", "jsd",
+        "epoch", "train_loss", "train_ce", "train_as", "train_aux", "val_loss", "val_acc", "val_f1_macro",
+        "val_auc", "jsd",
     ]
     assert history["epoch"].tolist() == [1, 2, 3]
     assert math.isnan(history["jsd"][0]) and (history["jsd"][1:] >= 0).all()
     assert (history["jsd"][1:] <= math.log(2)).all()
-    assert np.allclose(history["train_loss"], history["train_ce"] + history["train_as"])
+    assert np.allclose(history["train_loss"], history["train_ce"] + history["train_as"] + history["train_aux"])
     assert (history["train_as"] > 0).all()
 
     instability = pd.read_csv(out / "instability.csv")
@@ -200,7 +201,7 @@ def test_resolve_params_overlays_defaults_without_mutating_them() -> None:
 
 
 def test_default_params_agree_with_model_constructors() -> None:
-    anchor_keys = {"anchor_mode", "anchor_momentum", "tau", "beta", "as_reduction"}
+    anchor_keys = {"anchor_mode", "anchor_momentum", "tau", "beta", "as_reduction", "target"}
     assert set(DEFAULT_PARAMS["models"]) == set(MODELS)
     for name, spec in MODELS.items():
         defaults = {
@@ -234,7 +235,7 @@ def learnable(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     return features_dir, split
 
 
-@pytest.mark.parametrize("name", ["asmil", "abmil"])
+@pytest.mark.parametrize("name", ["asmil", "abmil", "abmil_anchor"])
 def test_models_learn_a_sparse_instance_signal(learnable, tmp_path: Path, name: str) -> None:
     """Positive bags hide 8 of 50-200 instances shifted in 4 of 32 dims; held-out AUC must reach 0.9."""
     features_dir, split = learnable

@@ -44,6 +44,7 @@ _ANCHOR_DEFAULTS: dict[str, Any] = {
     "tau": 0.5,  # NSF temperature of the anchor target
     "beta": 1.0,  # weight of L_AS; 0 trains without the anchor (the ablation)
     "as_reduction": "distribution_mean",  # "distribution_mean" (paper KL), "element_mean" (released)
+    "target": "nsf",  # anchor target: "nsf" (the paper) or "softmax" at the same tau (the no-NSF ablation)
 }
 _ABMIL_DEFAULTS: dict[str, Any] = {
     "hidden": 128,  # gated-attention hidden size
@@ -71,6 +72,15 @@ DEFAULT_PARAMS: dict[str, Any] = {
             **_ANCHOR_DEFAULTS,
         },
         "abmil": dict(_ABMIL_DEFAULTS),
+        "acmil": {
+            "n_branches": 5,  # K attention branches, each with its own classifier
+            "hidden": 128,  # gated-attention hidden size
+            "inner_dim": None,  # D after the reduction; null = D_feat // 2
+            "mask_topk": 10,  # k of stochastic top-k instance masking (training only)
+            "mask_drop": 0.6,  # share of each branch's top-k tiles hidden per step
+            "dropout": 0.0,  # dropout after the reduction
+            "diversity_weight": 1.0,  # weight of the branch-attention cosine diversity term
+        },
         "abmil_anchor": {**_ABMIL_DEFAULTS, **_ANCHOR_DEFAULTS},
     },
 }
@@ -263,7 +273,8 @@ def build_trainer(
         anchor = Anchor(model, anchor_cfg["anchor_mode"], float(anchor_cfg["anchor_momentum"]))
         anchor = anchor.to(device)
         loss_fn = MILLoss(
-            float(anchor_cfg["beta"]), float(anchor_cfg["tau"]), anchor_cfg["as_reduction"]
+            float(anchor_cfg["beta"]), float(anchor_cfg["tau"]), anchor_cfg["as_reduction"],
+            anchor_cfg["target"],
         )
     optimizer = torch.optim.AdamW(
         model.parameters(),
@@ -282,7 +293,7 @@ def train_one_epoch(trainer: Trainer, bags: Sequence[Bag], desc: str = "train") 
     """One pass over ``bags`` in a seeded random order, one bag per optimizer step."""
     t = trainer
     t.model.train()
-    totals = {"loss": 0.0, "ce": 0.0, "as": 0.0}
+    totals = {"loss": 0.0, "ce": 0.0, "as": 0.0, "aux": 0.0}
     max_tiles = t.params["max_tiles"]
     for i in tqdm(t.rng.permutation(len(bags)), desc=desc, leave=False, disable=None):
         bag = bags[i]
@@ -294,6 +305,8 @@ def train_one_epoch(trainer: Trainer, bags: Sequence[Bag], desc: str = "train") 
             out = t.model(x)
             anchor_logits = t.anchor.attention_logits(x) if t.anchor is not None else None
         losses = t.loss_fn(out["logits"], bag.target, out["attn_logits"], anchor_logits)
+        losses["aux"] = t.model.auxiliary_loss(out, bag.target)
+        losses["loss"] = losses["loss"] + losses["aux"]
         t.optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         if t.params["grad_clip"]:
@@ -397,7 +410,8 @@ def run_epochs(trainer: Trainer, data: FoldData, label: str) -> RunResult:
         vm = val.metrics()
         rows.append({
             "epoch": epoch, "train_loss": stats["loss"], "train_ce": stats["ce"],
-            "train_as": stats["as"], "val_loss": vm["loss"], "val_acc": vm["acc"],
+            "train_as": stats["as"], "train_aux": stats["aux"], "val_loss": vm["loss"],
+            "val_acc": vm["acc"],
             "val_f1_macro": vm["f1_macro"], "val_auc": vm["auc"], "jsd": jsd,
         })
         logger.info(
@@ -451,7 +465,7 @@ def plot_curves(history: pd.DataFrame, selected_epoch: int, path: Path, title: s
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     panels = [
-        ("loss", ["train_loss", "train_ce", "train_as", "val_loss"]),
+        ("loss", ["train_loss", "train_ce", "train_as", "train_aux", "val_loss"]),
         ("validation", ["val_acc", "val_f1_macro", "val_auc"]),
         ("attention instability (JSD, nats)", ["jsd"]),
     ]

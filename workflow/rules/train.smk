@@ -20,7 +20,7 @@ rule split:
         " --out {output:q} {params.args} > {log:q} 2>&1"
 
 
-MODEL_KEYS = ("asmil", "abmil", "abmil_anchor")
+MODEL_KEYS = ("asmil", "abmil", "abmil_anchor", "acmil")
 
 
 def train_params(wildcards):

@@ -36,6 +36,10 @@ class MILModel(nn.Module, metaclass=abc.ABCMeta):
         if bag.shape[0] == 0:
             raise ValueError("empty bag: a slide without tiles has no attention to compute")
 
+    def auxiliary_loss(self, out: dict[str, torch.Tensor], label: torch.Tensor) -> torch.Tensor:
+        """Model-specific training terms beyond CE and L_AS (ACMIL's branch and diversity losses)."""
+        return out["logits"].new_zeros(())
+
     @torch.no_grad()
     def attention_scores(self, bag: torch.Tensor) -> torch.Tensor:
         """Per-tile score (M,): softmax over tiles, mean over heads and queries, in eval mode.

@@ -9,6 +9,7 @@ from torch import nn
 from wsi_asmil.models.nsf import nsf
 
 AS_REDUCTIONS = ("distribution_mean", "element_mean")
+TARGETS = ("nsf", "softmax")
 
 
 def stabilization_loss(
@@ -16,6 +17,7 @@ def stabilization_loss(
     anchor_logits: torch.Tensor,
     tau: float = 0.5,
     reduction: str = "distribution_mean",
+    target_fn: str = "nsf",
 ) -> torch.Tensor:
     """L_AS over (H, N, M) logits; the target is detached and the maths runs in float32.
 
@@ -23,8 +25,15 @@ def stabilization_loss(
     ``element_mean`` reproduces the released code: the mean of ``-T * log P`` over all H*N*M
     elements, i.e. cross-entropy without the target-entropy constant and with an effective weight
     of 1/M. ``log P`` comes from ``log_softmax`` so it cannot underflow to ``-inf``.
+    ``target_fn="softmax"`` replaces NSF by a tempered softmax: the paper's "without NSF" ablation.
     """
-    target = nsf(anchor_logits.detach().float(), tau)
+    anchor = anchor_logits.detach().float()
+    if target_fn == "nsf":
+        target = nsf(anchor, tau)
+    elif target_fn == "softmax":
+        target = torch.softmax(anchor / tau, dim=-1)
+    else:
+        raise ValueError(f"target must be one of {TARGETS}, got {target_fn!r}")
     log_p = F.log_softmax(online_logits.float(), dim=-1)
     if reduction == "element_mean":
         return -(target * log_p).mean()
@@ -37,14 +46,21 @@ class MILLoss(nn.Module):
     """``CE(slide logits, y) + beta * L_AS``; without anchor logits it is plain CE."""
 
     def __init__(
-        self, beta: float = 1.0, tau: float = 0.5, reduction: str = "distribution_mean"
+        self,
+        beta: float = 1.0,
+        tau: float = 0.5,
+        reduction: str = "distribution_mean",
+        target: str = "nsf",
     ) -> None:
         super().__init__()
         if reduction not in AS_REDUCTIONS:
             raise ValueError(f"as_reduction must be one of {AS_REDUCTIONS}, got {reduction!r}")
+        if target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
         self.beta = beta
         self.tau = tau
         self.reduction = reduction
+        self.target = target
 
     def forward(
         self,
@@ -58,5 +74,5 @@ class MILLoss(nn.Module):
         if anchor_logits is None or attn_logits is None:
             stab = torch.zeros((), device=ce.device)
         else:
-            stab = stabilization_loss(attn_logits, anchor_logits, self.tau, self.reduction)
+            stab = stabilization_loss(attn_logits, anchor_logits, self.tau, self.reduction, self.target)
         return {"loss": ce + self.beta * stab, "ce": ce, "as": stab}

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from wsi_asmil.models.abmil import ABMIL
+from wsi_asmil.models.acmil import ACMIL
 from wsi_asmil.models.asmil import ASMIL
 from wsi_asmil.models.base import MILModel
 from wsi_asmil.io import atomic_path
@@ -25,6 +26,7 @@ class ModelSpec:
 
 MODELS: dict[str, ModelSpec] = {
     "asmil": ModelSpec(ASMIL, anchored=True),
+    "acmil": ModelSpec(ACMIL, anchored=False),
     "abmil": ModelSpec(ABMIL, anchored=False),
     # The "Anchor + NSF" plug-in (spec section 8): same network as ABMIL, trained with the anchor.
     "abmil_anchor": ModelSpec(ABMIL, anchored=True),
