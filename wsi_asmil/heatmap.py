@@ -1,11 +1,31 @@
-"""Attention heatmaps: where in the slide the trained model looked.
+"""Attention heatmaps: where in the slide the trained model looked, drawn unattended and memory-bounded.
 
-A tile's score is the model's own attention in eval mode (softmax over tiles, mean over heads and
-tokens; the same definition for every model, see ``MILModel.attention_scores``). The slide is
-scored by the fold model whose test set holds it, so no slide is shown through a model that trained
-on it; a slide in no test set (an unlabeled one) gets the mean over all fold models.
+Scores come from ``wsi_asmil.scoring`` (one pass, shared with localisation and prediction); this
+module only draws, and never imports torch. For one slide and one model it writes:
 
-The canvas is the slide thumbnail at ``mpp``, so memory follows the output size, not the slide.
+* ``<slide>.png``: the heat over the slide thumbnail, at ``mpp`` um/px (``max_edge`` caps the
+  longer side). Tiles are averaged where they overlap, optionally blurred (``blur_um``) and clipped
+  to the tissue mask; uncovered pixels keep the thumbnail.
+* ``<slide>.geojson``: one QuPath tile per tile with ``attention``, ``attention_percentile`` and
+  ``attention_x_M`` measurements (*Measure > Show measurement maps* colours them).
+* ``<slide>_topk.jpg``: the k highest-scoring tiles at the tiling's resolution, ranked, with their
+  scores and level-0 coordinates.
+* optionally ``<slide>_overlay.tif``: a pyramidal tiled TIFF of the overlay at ``tiff_mpp`` that
+  slide viewers zoom, rendered window by window (``wsi_asmil.overlay_tiff``).
+
+The canvas is the output image: memory follows the output size, never the slide's. ``--legend``
+writes the colour bar that goes with a normalisation and colour map.
+
+Normalisation for display (the same for every model, so comparisons are fair):
+
+``rank``
+    percentile within the slide (CLAM's convention): every slide uses the whole colour range,
+    whatever the sharpness of the attention.
+``uniform``
+    M x weight on a log scale centred on 1 (uniform attention): ``0.5 + log(M w) / (2 log R)``,
+    clipped, with R = ``uniform_range``. Mid-colour is uniform attention, the top of the scale R
+    times uniform or more; comparable across slides and models, so flat and peaked attention look
+    different.
 """
 
 from __future__ import annotations
@@ -13,66 +33,63 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
 import pandas as pd
-import torch
-from matplotlib import colormaps
 
-from wsi_asmil import store
-from wsi_asmil.cli import add_slide_args, setup_logging
-from wsi_asmil.io import write_csv, write_image
-from wsi_asmil.models.registry import load_model
+from wsi_asmil.canvas import Grid, blend, colour_table, lookup_mask, mean_values, smooth
+from wsi_asmil.cli import optional_float, setup_logging
+from wsi_asmil.io import atomic_path, write_image
 from wsi_asmil.slide import Slide
+from wsi_asmil.tile_geojson import OBJECT_TYPES, write_tile_geojson
 
 log = logging.getLogger(__name__)
 
-
-def folds_for(split: dict, slide_id: str, n_folds: int) -> list[int]:
-    """The fold that tested the slide, or every fold when none did."""
-    for k, fold in enumerate(split["folds"]):
-        if slide_id in fold["test"]:
-            return [k]
-    return list(range(n_folds))
+NORMALIZE_MODES = ("rank", "uniform")
 
 
-def score_bag(features: np.ndarray, model_paths: list[Path]) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Mean attention scores (M,) and class probabilities (C,) over the given models."""
-    bag = torch.from_numpy(features)
-    scores, probs = [], []
-    classes: list[str] = []
-    for path in model_paths:
-        model, ckpt = load_model(path)
-        classes = ckpt["classes"]
-        with torch.no_grad():
-            scores.append(model.attention_scores(bag).cpu().numpy())
-            probs.append(torch.softmax(model(bag)["logits"], dim=-1).cpu().numpy())
-    return np.mean(scores, axis=0), np.mean(probs, axis=0), classes
+@dataclass(frozen=True)
+class Style:
+    """How values become colour: the same for every model of a run."""
+
+    normalize: str = "rank"
+    cmap: str = "jet"
+    alpha: float = 0.5
+    blur_um: float = 0.0
+    clip_to_tissue: bool = True
+    uniform_range: float = 10.0
 
 
-def normalize(scores: np.ndarray, mode: str) -> np.ndarray:
-    """Display values in [0, 1].
-
-    ``rank``: percentile within the slide (CLAM's convention; comparable across models whatever
-    their attention sharpness). ``uniform``: M x weight divided by its maximum, so 1/M-flat
-    attention shows as uniform colour.
-    """
+def normalize(scores: np.ndarray, mode: str, uniform_range: float = 10.0) -> np.ndarray:
+    """Display values in [0, 1] (see the module docstring for the two modes)."""
+    scores = np.asarray(scores, dtype=np.float64)
     m = len(scores)
+    if mode not in NORMALIZE_MODES:
+        raise ValueError(f"heatmap.normalize must be one of {NORMALIZE_MODES}, got {mode!r}")
     if m == 0:
         return scores
     if mode == "rank":
         if m == 1:
             return np.ones(1)
+        # Ties share their mean rank, so equal scores get equal colours.
         order = scores.argsort(kind="stable")
         ranks = np.empty(m)
         ranks[order] = np.arange(m)
+        _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+        if (counts > 1).any():
+            sums = np.bincount(inverse, weights=ranks)
+            ranks = sums[inverse] / counts[inverse]
         return ranks / (m - 1)
-    if mode == "uniform":
-        v = scores * m
-        return v / v.max()
-    raise ValueError(f"heatmap.normalize must be 'rank' or 'uniform', got {mode!r}")
+    if uniform_range <= 1:
+        raise ValueError(f"heatmap.uniform_range must be > 1, got {uniform_range}")
+    with np.errstate(divide="ignore"):
+        rel = np.log(np.maximum(scores * m, 0.0)) / (2.0 * math.log(uniform_range))
+    return np.clip(0.5 + rel, 0.0, 1.0)
 
 
 def render(
@@ -83,81 +100,204 @@ def render(
     values: np.ndarray,
     cmap: str,
     alpha: float,
+    *,
+    tissue: np.ndarray | None = None,
+    tissue_downsample: float | None = None,
+    blur_px: float = 0.0,
+    grid: Grid | None = None,
 ) -> np.ndarray:
-    """Blend colour-mapped tile values over the thumbnail; overlapping tiles are averaged."""
+    """Blend colour-mapped tile values over ``thumb`` (the image of ``grid``, default the whole slide).
+
+    Overlapping tiles are averaged; with ``tissue`` the heat shows only on tissue; ``blur_px`` is
+    a Gaussian sigma in output pixels that mixes covered pixels only.
+    """
     h, w = thumb.shape[:2]
-    total = np.zeros((h, w), np.float32)
-    count = np.zeros((h, w), np.float32)
-    side = max(1, int(round(extent / downsample)))
-    for (x, y), v in zip((coords / downsample).round().astype(int), values):
-        total[max(y, 0) : y + side, max(x, 0) : x + side] += v
-        count[max(y, 0) : y + side, max(x, 0) : x + side] += 1
-    covered = count > 0
-    heat = np.zeros_like(total)
-    heat[covered] = total[covered] / count[covered]
-    rgb = (colormaps[cmap](heat)[..., :3] * 255).astype(np.float32)
-    out = thumb.astype(np.float32)
-    out[covered] = (1 - alpha) * out[covered] + alpha * rgb[covered]
-    return out.round().astype(np.uint8)
+    grid = grid or Grid(downsample, w, h)
+    if grid.shape != (h, w):
+        raise ValueError(f"thumbnail is {w}x{h} but the grid is {grid.width}x{grid.height}")
+    if len(values) == 0:
+        return np.array(thumb, dtype=np.uint8, copy=True)
+    heat, covered = mean_values(coords, extent, values, grid)
+    heat = smooth(heat, covered, blur_px)
+    show = covered
+    if tissue is not None:
+        show = covered & lookup_mask(tissue, float(tissue_downsample), grid)
+    return blend(thumb, heat, show, colour_table(cmap), alpha)
 
 
-def heatmap_slide(
+def output_mpp(slide_size_um: tuple[float, float], mpp: float, max_edge: int | None) -> float:
+    """The overlay resolution: ``mpp``, coarsened so the longer side is at most ``max_edge`` px."""
+    if max_edge is None:
+        return mpp
+    return max(mpp, max(slide_size_um) / max_edge)
+
+
+def read_tissue(mask_png: str | Path | None, meta_json: str | Path | None) -> tuple[np.ndarray | None, float | None]:
+    """The segmentation mask and its level-0 downsample, or (None, None) when not given."""
+    if mask_png is None:
+        return None, None
+    mask = cv2.imread(str(mask_png), cv2.IMREAD_GRAYSCALE)
+    if mask is None:
+        raise FileNotFoundError(f"cannot read tissue mask {mask_png}")
+    meta_path = Path(meta_json) if meta_json else Path(mask_png).with_name("mask.json")
+    return mask > 0, float(json.loads(meta_path.read_text())["downsample"])
+
+
+def measurements(scores: np.ndarray) -> dict[str, np.ndarray]:
+    """The per-tile numbers exported to QuPath: raw, percentile within the slide, and x M."""
+    return {
+        "attention": scores,
+        "attention_percentile": normalize(scores, "rank") * 100.0,
+        "attention_x_M": scores * len(scores),
+    }
+
+
+def topk_gallery(slide: Slide, coords: np.ndarray, scores: np.ndarray, k: int, target_mpp: float, tile_size: int, columns: int = 4) -> np.ndarray:
+    """The k highest-scoring tiles side by side, each captioned with rank, score and position."""
+    order = np.argsort(-scores, kind="stable")[: max(0, k)]
+    cell, bar = int(tile_size), 22
+    if len(order) == 0:
+        return np.full((bar, cell, 3), 255, np.uint8)
+    cols = min(columns, len(order))
+    rows = int(math.ceil(len(order) / cols))
+    sheet = np.full((rows * (cell + bar), cols * cell, 3), 255, np.uint8)
+    scale = max(0.3, min(0.45, cell / 560))
+    for n, i in enumerate(order):
+        r, c = divmod(n, cols)
+        y, x = r * (cell + bar), c * cell
+        sheet[y : y + cell, x : x + cell] = slide.read_at_mpp(int(coords[i, 0]), int(coords[i, 1]), target_mpp, cell)
+        text = f"#{n + 1} {scores[i]:.4g} ({int(coords[i, 0])},{int(coords[i, 1])})"
+        cv2.putText(sheet, text, (x + 3, y + cell + 15), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 1, cv2.LINE_AA)
+    return sheet
+
+
+def write_legend(path: str | Path, mode: str, cmap: str, uniform_range: float = 10.0) -> None:
+    """A horizontal colour bar saying what the colours of a heatmap mean."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+
+    lut = colour_table(cmap) / 255.0
+    fig, ax = plt.subplots(figsize=(4.2, 0.9), dpi=120)
+    ax.imshow(np.linspace(0, 1, 256)[None, :], aspect="auto", cmap=ListedColormap(lut), extent=(0, 1, 0, 1))
+    ax.set_yticks([])
+    if mode == "rank":
+        ax.set_xticks([0, 0.25, 0.5, 0.75, 1.0], ["0", "25", "50", "75", "100"])
+        ax.set_xlabel("attention percentile within the slide")
+    elif mode == "uniform":
+        r = uniform_range
+        pos = [0.0, 0.25, 0.5, 0.75, 1.0]
+        labels = [f"≤1/{r:g}", f"1/{math.sqrt(r):.3g}", "uniform", f"{math.sqrt(r):.3g}×", f"≥{r:g}×"]
+        ax.set_xticks(pos, labels)
+        ax.set_xlabel("attention relative to uniform (M × weight, log scale)")
+    else:
+        raise ValueError(f"heatmap.normalize must be one of {NORMALIZE_MODES}, got {mode!r}")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png")
+    plt.close(fig)
+
+
+def load_scores(scores_csv: str | Path, scores_json: str | Path | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """(coords (M, 2), scores (M,), scoring record) written by ``wsi_asmil.scoring``."""
+    table = pd.read_csv(scores_csv)
+    meta_path = Path(scores_json) if scores_json else Path(str(scores_csv)[: -len(".csv")] + ".json")
+    meta = json.loads(meta_path.read_text())
+    return table[["x", "y"]].to_numpy(dtype=np.int64), table["score"].to_numpy(dtype=np.float64), meta
+
+
+def draw_slide(
     slide_path: str | Path,
-    features_store: str | Path,
-    split_json: str | Path,
-    models_dir: str | Path,
+    scores_csv: str | Path,
     out_image: str | Path,
-    out_scores: str | Path,
+    *,
+    scores_json: str | Path | None = None,
+    out_geojson: str | Path | None = None,
+    out_gallery: str | Path | None = None,
+    out_tiff: str | Path | None = None,
+    style: Style = Style(),
     mpp: float = 8.0,
-    normalize_mode: str = "rank",
-    cmap: str = "jet",
-    alpha: float = 0.5,
+    max_edge: int | None = None,
+    tissue_mask: str | Path | None = None,
+    tissue_meta: str | Path | None = None,
+    top_k: int = 8,
+    object_type: str = "tile",
+    tiff_mpp: float | None = None,
     mpp_override: float | None = None,
     mpp_fallback: float | None = None,
-) -> pd.DataFrame:
-    feats, coords, attrs = store.read_features(features_store)
-    sid = attrs["slide_id"]
-    split = json.loads(Path(split_json).read_text())
-    folds = folds_for(split, sid, len(split["folds"]))
+) -> dict[str, Any]:
+    """Every output of one slide's heatmap; returns a small summary for the log."""
+    coords, scores, meta = load_scores(scores_csv, scores_json)
+    extent = float(meta.get("tile_extent") or 0.0)
+    values = normalize(scores, style.normalize, style.uniform_range)
+    tissue, tissue_ds = read_tissue(tissue_mask, tissue_meta) if style.clip_to_tissue else (None, None)
     with Slide(slide_path, mpp_override, mpp_fallback) as slide:
-        thumb, downsample = slide.thumbnail_at_mpp(mpp)
-    if len(feats) == 0:
-        log.warning("slide '%s': no tiles, the heatmap is the bare thumbnail", sid)
-        scores, values, probs, classes = np.zeros(0), np.zeros(0), None, []
-    else:
-        paths = [Path(models_dir) / f"fold{k}" / "model.pt" for k in folds]
-        scores, probs, classes = score_bag(feats, paths)
-        values = normalize(scores, normalize_mode)
-    write_image(out_image, render(thumb, downsample, coords, attrs["tile_extent"], values, cmap, alpha))
-    table = pd.DataFrame(
-        {"x": coords[:, 0], "y": coords[:, 1], "score": scores, "display": values}
-    )
-    write_csv(out_scores, table)
-    if probs is not None:
-        log.info(
-            "slide '%s': folds %s, probabilities %s",
-            sid, folds, {c: round(float(p), 4) for c, p in zip(classes, probs)},
-        )
-    return table
+        w0, h0 = slide.dimensions
+        out_mpp = output_mpp((w0 * slide.mpp, h0 * slide.mpp), mpp, max_edge)
+        thumb, ds = slide.thumbnail_at_mpp(out_mpp)
+        image = render(thumb, ds, coords, extent, values, style.cmap, style.alpha, tissue=tissue,
+                       tissue_downsample=tissue_ds, blur_px=style.blur_um / (ds * slide.mpp))
+        write_image(out_image, image)
+        if out_gallery is not None:
+            target = float(meta.get("target_mpp") or slide.mpp)
+            size = int(meta.get("tile_size") or max(1, round(extent)))
+            write_image(out_gallery, topk_gallery(slide, coords, scores, top_k, target, size))
+        if out_tiff is not None:
+            from wsi_asmil.overlay_tiff import write_overlay_tiff
+
+            write_overlay_tiff(out_tiff, slide, coords, extent, values, style, tiff_mpp or out_mpp, tissue, tissue_ds)
+    if out_geojson is not None:
+        write_tile_geojson(out_geojson, coords, extent, measurements(scores), object_type)
+    if len(scores) == 0:
+        log.warning("slide '%s': no tiles, the heatmap is the bare thumbnail", meta.get("slide_id"))
+    log.info("slide '%s' (%s): %d tiles, overlay %dx%d px at %.3g um/px",
+             meta.get("slide_id"), meta.get("model"), len(scores), image.shape[1], image.shape[0], ds * slide.mpp)
+    return {"n_tiles": len(scores), "shape": image.shape, "downsample": ds}
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m wsi_asmil.heatmap", description=__doc__)
-    add_slide_args(p)
-    p.add_argument("--features", required=True, help="features Zarr store of the slide")
-    p.add_argument("--split", required=True, help="split JSON of the run")
-    p.add_argument("--models-dir", required=True, help="folder holding fold<k>/model.pt")
-    p.add_argument("--out", required=True, help="heatmap PNG to write")
-    p.add_argument("--scores", required=True, help="per-tile scores CSV to write")
-    p.add_argument("--mpp", type=float, default=8.0, help="resolution of the image (um/px)")
-    p.add_argument("--normalize", default="rank", choices=["rank", "uniform"])
+    p = argparse.ArgumentParser(prog="python -m wsi_asmil.heatmap", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--slide", default=None, help="slide file (or DICOM folder)")
+    p.add_argument("--slide-mpp", type=optional_float, default=None, help="per-slide mpp override (label table)")
+    p.add_argument("--mpp-fallback", type=optional_float, default=None, help="config mpp_fallback")
+    p.add_argument("--scores", help="<slide>_scores.csv from wsi_asmil.scoring (the .json beside it)")
+    p.add_argument("--out", help="overlay PNG to write")
+    p.add_argument("--geojson", default=None, help="QuPath tile GeoJSON to write")
+    p.add_argument("--gallery", default=None, help="top-k tile gallery (JPEG/PNG) to write")
+    p.add_argument("--tiff", default=None, help="pyramidal TIFF overlay to write (with --tiff-mpp)")
+    p.add_argument("--tissue-mask", default=None, help="segment mask.png (mask.json beside it)")
+    p.add_argument("--legend", default=None, help="write the colour-bar legend here (alone, or with a slide)")
+    p.add_argument("--mpp", type=float, default=8.0, help="overlay resolution in um/px")
+    p.add_argument("--max-edge", type=optional_float, default=None, help="cap on the overlay's longer side (px)")
+    p.add_argument("--normalize", default="rank", choices=NORMALIZE_MODES)
+    p.add_argument("--uniform-range", type=float, default=10.0, help="R of the uniform scale (R x uniform = top)")
     p.add_argument("--cmap", default="jet")
     p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--blur-um", type=float, default=0.0, help="Gaussian blur sigma in um (0 = none)")
+    p.add_argument("--clip-to-tissue", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--top-k", type=int, default=8, help="tiles in the gallery")
+    p.add_argument("--geojson-object", default="tile", choices=OBJECT_TYPES)
+    p.add_argument("--tiff-mpp", type=optional_float, default=None, help="resolution of the TIFF overlay (um/px)")
     args = p.parse_args(argv)
     setup_logging()
-    heatmap_slide(
-        args.slide, args.features, args.split, args.models_dir, args.out, args.scores,
-        args.mpp, args.normalize, args.cmap, args.alpha, args.slide_mpp, args.mpp_fallback,
+    if args.legend is None and args.slide is None:
+        p.error("give --slide with --scores and --out, or --legend")
+    if args.legend is not None:
+        write_legend(args.legend, args.normalize, args.cmap, args.uniform_range)
+    if args.slide is None:
+        return
+    if not (args.scores and args.out):
+        p.error("--slide needs --scores and --out")
+    style = Style(args.normalize, args.cmap, args.alpha, args.blur_um, args.clip_to_tissue, args.uniform_range)
+    draw_slide(
+        args.slide, args.scores, args.out, out_geojson=args.geojson, out_gallery=args.gallery,
+        out_tiff=args.tiff, style=style, mpp=args.mpp,
+        max_edge=int(args.max_edge) if args.max_edge else None, tissue_mask=args.tissue_mask,
+        top_k=args.top_k, object_type=args.geojson_object, tiff_mpp=args.tiff_mpp,
+        mpp_override=args.slide_mpp, mpp_fallback=args.mpp_fallback,
     )
 
 

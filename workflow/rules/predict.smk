@@ -1,0 +1,200 @@
+# Inference on new slides: the cohort's unlabeled slides and every slide of predict.slides_dir go
+# through segment, tile and features (the same rules; a folder's slides under predict/ so their
+# ids never collide with the cohort's), then every fold model (or one), giving
+# predict/predictions.csv and heatmaps. No labels, no retraining.
+from wsi_asmil.inventory import usable_ids as _usable_ids
+
+PREDICT = config["predict"]
+PREDICT_OUT = f"{OUT}/predict"
+PREDICT_MODELS = list(MODELS) if PREDICT["models"] is None else list(PREDICT["models"])
+check_models("predict.models", PREDICT_MODELS)
+check_fold("predict.fold", PREDICT["fold"])
+PREDICT_COHORT = [] if DEMO else list(COHORT.unlabeled)
+PREDICT_FOLDER = {}
+if PREDICT["slides_dir"] is not None:
+    _pfound, _pignored = discover_slides(PREDICT["slides_dir"])
+    for _p in _pignored:
+        print(f"wsi-asmil: ignoring {_p} in predict.slides_dir (not a slide extension)", file=sys.stderr)
+    _clash = sorted(set(_pfound) & set(PREDICT_COHORT))
+    if _clash:
+        raise ValueError(
+            f"config key 'predict.slides_dir': slide id(s) {_clash} are also unlabeled slides of slides_dir; "
+            "rename one of each pair so their predictions do not overwrite each other"
+        )
+    PREDICT_FOLDER = {s: str(p) for s, p in _pfound.items()}
+PREDICT_ON = bool(PREDICT_COHORT or PREDICT_FOLDER)
+PREDICT_INVENTORY = f"{PREDICT_OUT}/inventory/slides.csv"
+PRED_SEG_DIR = f"{PREDICT_OUT}/segment/{{slide}}"
+PRED_TILES = f"{PREDICT_OUT}/tiles/{TILING}/{{slide}}.zarr"
+PRED_FEATURES = f"{PREDICT_OUT}/features/{TILING}/{ENCODER}/{{slide}}.zarr"
+PRED_SCORES = f"{PREDICT_OUT}/heatmaps/{{model}}/scores"
+PRED_HEATMAP_DIR = f"{PREDICT_OUT}/heatmaps/{{model}}"
+
+
+def predict_ids():
+    """The new slides that can be opened (after the inventories have run)."""
+    ids = usable(PREDICT_COHORT) if PREDICT_COHORT else []
+    if PREDICT_FOLDER:
+        ok = _usable_ids(checkpoints.predict_inventory.get().output[0])
+        ids += [s for s in sorted(PREDICT_FOLDER) if s in ok]
+    return ids
+
+
+def predict_slide(wildcards):
+    return PREDICT_FOLDER[wildcards.slide] if wildcards.slide in PREDICT_FOLDER else slide_file(wildcards.slide)
+
+
+def predict_store(slide_id):
+    return expand(PRED_FEATURES if slide_id in PREDICT_FOLDER else FEATURES, slide=slide_id)[0]
+
+
+def predict_mpp_args(wildcards):
+    """A folder's slides have no label table: only the config fallback applies to them."""
+    if wildcards.slide not in PREDICT_FOLDER:
+        return mpp_args(wildcards)
+    return shlex.join([] if config["mpp_fallback"] is None else ["--mpp-fallback", str(config["mpp_fallback"])])
+
+
+def predict_segment_file(name):
+    def fn(wildcards):
+        base = PRED_SEG_DIR if wildcards.slide in PREDICT_FOLDER else SEG_DIR
+        return expand(f"{base}/{name}", slide=wildcards.slide)[0]
+
+    return fn
+
+
+def predict_targets():
+    if not PREDICT_ON:
+        return []
+    targets = [f"{PREDICT_OUT}/predictions.csv"]
+    if PREDICT["heatmaps"]:
+        targets += draw_targets(PRED_HEATMAP_DIR, PREDICT_MODELS, predict_ids())
+    return targets
+
+
+if PREDICT_FOLDER:
+
+    checkpoint predict_inventory:
+        input:
+            slides=list(PREDICT_FOLDER.values()),
+        output:
+            PREDICT_INVENTORY,
+        params:
+            slides_dir=PREDICT["slides_dir"],
+            mpp=lambda wc: "" if config["mpp_fallback"] is None else f"--mpp-fallback {config['mpp_fallback']}",
+            version=VERSION,
+        conda:
+            ENV
+        log:
+            f"{OUT}/logs/predict/inventory.log",
+        benchmark:
+            f"{OUT}/benchmarks/predict/inventory.tsv"
+        shell:
+            "{PY} -m wsi_asmil.inventory --slides-dir {params.slides_dir:q} {params.mpp} --out {output:q} > {log:q} 2>&1"
+
+    use rule segment as predict_segment with:
+        input:
+            slide=predict_slide,
+        output:
+            mask=f"{PRED_SEG_DIR}/mask.png",
+            meta=f"{PRED_SEG_DIR}/mask.json",
+            geojson=f"{PRED_SEG_DIR}/tissue.geojson",
+            qc=f"{PRED_SEG_DIR}/qc.jpg",
+        params:
+            out_dir=lambda wc: f"{PREDICT_OUT}/segment/{wc.slide}",
+            mpp=predict_mpp_args,
+        log:
+            f"{OUT}/logs/predict/segment/{{slide}}.log",
+        benchmark:
+            f"{OUT}/benchmarks/predict/segment/{{slide}}.tsv"
+
+    use rule tile as predict_tile with:
+        input:
+            slide=predict_slide,
+            mask=rules.predict_segment.output.mask,
+            meta=rules.predict_segment.output.meta,
+        output:
+            store=directory(PRED_TILES),
+            qc=f"{PREDICT_OUT}/tiles/{TILING}/{{slide}}_grid.png",
+        params:
+            seg_dir=lambda wc: f"{PREDICT_OUT}/segment/{wc.slide}",
+            mpp=predict_mpp_args,
+        log:
+            f"{OUT}/logs/predict/tile/{TILING}/{{slide}}.log",
+        benchmark:
+            f"{OUT}/benchmarks/predict/tile/{TILING}/{{slide}}.tsv"
+
+    use rule features as predict_features with:
+        input:
+            slide=predict_slide,
+            tiles=rules.predict_tile.output.store,
+        output:
+            store=directory(PRED_FEATURES),
+        params:
+            mpp=predict_mpp_args,
+        log:
+            f"{OUT}/logs/predict/features/{TILING}/{ENCODER}/{{slide}}.log",
+        benchmark:
+            f"{OUT}/benchmarks/predict/features/{TILING}/{ENCODER}/{{slide}}.tsv"
+
+
+rule predict_attention:
+    input:
+        features=lambda wc: [predict_store(s) for s in predict_ids()],
+        models=expand(f"{OUT}/models/{{{{model}}}}/fold{{fold}}/model.pt", fold=FOLDS),
+    output:
+        directory(PRED_SCORES),
+    params:
+        models_dir=lambda wc: f"{OUT}/models/{wc.model}",
+        fold=str(PREDICT["fold"]),
+        folds=len(FOLDS),
+        version=VERSION,
+    threads: config["train"]["threads"]
+    resources:
+        gpu=1,
+    conda:
+        ENV
+    log:
+        f"{OUT}/logs/predict/attention/{{model}}.log",
+    benchmark:
+        f"{OUT}/benchmarks/predict/attention/{{model}}.tsv"
+    shell:
+        "OMP_NUM_THREADS={threads} {PY} -m wsi_asmil.scoring --features {input.features:q}"
+        " --models-dir {params.models_dir:q} --model-name {wildcards.model} --folds {params.folds}"
+        " --fold {params.fold} --device {config[heatmap][device]} --out-dir {output:q} > {log:q} 2>&1"
+
+
+use rule heatmap as predict_heatmap with:
+    input:
+        slide=predict_slide,
+        scores=PRED_SCORES,
+        mask=predict_segment_file("mask.png") if HEATMAP["clip_to_tissue"] else [],
+        meta=predict_segment_file("mask.json") if HEATMAP["clip_to_tissue"] else [],
+    output:
+        **draw_outputs(PRED_HEATMAP_DIR),
+    params:
+        mpp=predict_mpp_args,
+    log:
+        f"{OUT}/logs/predict/heatmap/{{model}}/{{slide}}.log",
+    benchmark:
+        f"{OUT}/benchmarks/predict/heatmap/{{model}}/{{slide}}.tsv"
+
+
+rule predict:
+    input:
+        scores=expand(PRED_SCORES, model=PREDICT_MODELS),
+        inventory=([INVENTORY] if PREDICT_COHORT else []) + ([PREDICT_INVENTORY] if PREDICT_FOLDER else []),
+    output:
+        f"{PREDICT_OUT}/predictions.csv",
+    params:
+        slides=shlex.join([*PREDICT_COHORT, *sorted(PREDICT_FOLDER)]),
+        version=VERSION,
+    conda:
+        ENV
+    log:
+        f"{OUT}/logs/predict/predictions.log",
+    benchmark:
+        f"{OUT}/benchmarks/predict/predictions.tsv"
+    shell:
+        "{PY} -m wsi_asmil.predict --scores {input.scores:q} --inventory {input.inventory:q}"
+        " --slides {params.slides} --out {output:q} > {log:q} 2>&1"
