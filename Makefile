@@ -7,12 +7,12 @@ BIN    := $(VENV)/bin
 CORES  ?= 8
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-all clean-demo
+.PHONY: install demo test test-all test-slurm clean-demo
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[test,slurm]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -23,7 +23,13 @@ demo: $(STAMP)
 
 ## The default test suite (what CI runs): unit tests, real-slide tests and a tiny end-to-end run.
 test: $(STAMP)
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -m "not slow" -q
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -m "not slow and not slurm" -q
+
+## The workflow on a real one-node Slurm cluster that the test starts on localhost (CI runs it too).
+## Needs root and Debian's packages: apt-get install --no-install-recommends slurmctld slurmd
+## slurm-client munge. Fails, rather than skips, when they are missing.
+test-slurm: $(STAMP)
+	PATH=$(abspath $(BIN)):$$PATH WSI_ASMIL_REQUIRE_SLURM=1 $(BIN)/python -m pytest -m slurm -q
 
 ## Everything, including the slow end-to-end tests.
 test-all: $(STAMP)

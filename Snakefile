@@ -15,6 +15,7 @@ validate(config, "workflow/schemas/config.schema.yaml")
 
 
 include: "workflow/rules/common.smk"
+include: "workflow/rules/execution.smk"
 include: "workflow/rules/demo.smk"
 include: "workflow/rules/inventory.smk"
 include: "workflow/rules/segment.smk"
@@ -23,6 +24,7 @@ include: "workflow/rules/features.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/heatmap.smk"
+include: "workflow/rules/predict.smk"
 
 
 rule all:

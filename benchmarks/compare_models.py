@@ -50,8 +50,8 @@ def run(features_dir: Path, split: dict, epochs: int, out: Path, seed: int) -> d
 
 
 def table(results: dict[str, Any], n_folds: int) -> str:
-    def cell(s: dict[str, float]) -> str:
-        return f"{s['mean']:.3f} ± {s['std']:.3f}" if s["n"] else "n/a"
+    def cell(s: dict[str, float], fmt: str = ".3f") -> str:
+        return f"{s['mean']:{fmt}} ± {s['std']:{fmt}}" if s["n"] else "n/a"
 
     lines = [
         "| model | macro F1 | AUC | accuracy | JSD (last 10 epochs) |",
@@ -59,7 +59,7 @@ def table(results: dict[str, Any], n_folds: int) -> str:
     ]
     for label, r in results.items():
         s = r["summary"]
-        lines.append(f"| {label} | {cell(s['f1_macro'])} | {cell(s['auc'])} | {cell(s['acc'])} | {cell(s['jsd'])} |")
+        lines.append(f"| {label} | {cell(s['f1_macro'])} | {cell(s['auc'])} | {cell(s['acc'])} | {cell(s['jsd'], '.1e')} |")
     return "\n".join(lines) + f"\n\nTest metrics at the epoch selected on validation, mean ± std over {n_folds} folds.\n"
 
 

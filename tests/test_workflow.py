@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -16,6 +17,7 @@ import pytest
 import yaml
 
 from wsi_asmil import store
+from wsi_asmil.tile_geojson import read_tile_geojson
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(REPO)]
@@ -25,7 +27,10 @@ TINY = {
     "split": {"folds": 2},
     "train": {"epochs": 3, "models": ["asmil", "abmil"]},
     "features": {"threads": 2},
+    "heatmap": {"models": ["asmil"]},  # both models are scored and localised; one is drawn
 }
+#: A new slide for the predict path (the real CC0 slide under an awkward name) and a broken one.
+NEW_SLIDE = "new slide é"
 
 
 def snakemake(*args: str, config: dict | None = None, tmp: Path, check: bool = True) -> subprocess.CompletedProcess:
@@ -64,7 +69,11 @@ def deep_merge(base: dict, extra: dict) -> dict:
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     tmp = tmp_path_factory.mktemp("run")
-    config = {**TINY, "out_dir": str(tmp / "out")}
+    new = tmp / "new slides"
+    new.mkdir()
+    shutil.copy(REPO / "tests" / "data" / "cmu_small_region.svs", new / f"{NEW_SLIDE}.svs")
+    (new / "broken.svs").write_bytes(b"")
+    config = {**TINY, "out_dir": str(tmp / "out"), "predict": {"slides_dir": str(new)}}
     snakemake(config=config, tmp=tmp)
     return tmp, config
 
@@ -76,6 +85,10 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
         ({"tiling": {"tile_size": "big"}}, "tile_size"),
         ({"tiling": {"overlap": 1.5}}, "overlap"),
         ({"train": {"asmil": {"anchor_mode": "sometimes"}}}, "anchor_mode"),
+        ({"heatmap": {"fold": "best"}}, "fold"),
+        ({"heatmap": {"localisation": {"threshold": "median"}}}, "threshold"),
+        ({"heatmap": {"models": ["abmil_anchor"]}}, "heatmap.models"),
+        ({"predict": {"bogus": 1}}, "bogus"),
     ],
 )
 def test_bad_config_fails_before_any_job(tmp_path: Path, override: dict, key: str) -> None:
@@ -100,8 +113,15 @@ def test_whole_workflow_outputs(finished_run: tuple[Path, dict]) -> None:
         assert feats.shape == (len(coords), 512) and np.isfinite(feats).all()
         assert attrs["weights"] == "random(seed=0)" and tiles_attrs["mpp"] == pytest.approx(0.25)
         assert (out / "heatmaps" / "asmil" / f"{sid}.png").stat().st_size > 0
-        scores = pd.read_csv(out / "heatmaps" / "asmil" / f"{sid}_scores.csv")
-        assert len(scores) == len(coords) and scores["score"].sum() == pytest.approx(1.0, abs=1e-3)
+        assert not (out / "heatmaps" / "abmil" / f"{sid}.png").exists()  # scored, not drawn
+        for model in ("asmil", "abmil"):
+            scores = pd.read_csv(out / "heatmaps" / model / "scores" / f"{sid}_scores.csv")
+            assert len(scores) == len(coords) and scores["score"].sum() == pytest.approx(1.0, abs=1e-3)
+        corners, _, meas = read_tile_geojson(out / "heatmaps" / "asmil" / f"{sid}.geojson")
+        assert np.array_equal(corners, coords)
+        np.testing.assert_allclose(meas["attention"], pd.read_csv(out / "heatmaps" / "asmil" / "scores" / f"{sid}_scores.csv")["score"], rtol=1e-6)
+        assert (out / "heatmaps" / "asmil" / f"{sid}_topk.jpg").stat().st_size > 0
+    assert (out / "heatmaps" / "legend.png").stat().st_size > 0
     for model in ("asmil", "abmil"):
         for k in range(2):
             d = out / "models" / model / f"fold{k}"
@@ -114,9 +134,40 @@ def test_whole_workflow_outputs(finished_run: tuple[Path, dict]) -> None:
     preds = pd.read_csv(out / "report" / "predictions.csv")
     assert sorted(preds[preds["model"] == "asmil"]["slide_id"]) == ids  # each slide tested once
     assert (out / "report" / "metrics.md").read_text().count("|") > 10
-    for rule in ("segment", "tile", "features", "train", "heatmap"):
+    # Localisation against the demo's exact truth, for every trained model (even slides have tumour).
+    for model in ("asmil", "abmil"):
+        loc = pd.read_csv(out / "localisation" / f"{model}.csv")
+        assert sorted(loc["slide_id"]) == ids
+        assert sorted(loc.loc[loc["has_tumour"], "slide_id"]) == ids[::2]
+        tumour = loc[loc["has_tumour"]]
+        for col in ("dice", "iou", "coverage_tumour_k", "attention_in_tumour", "tumour_in_tiles"):
+            assert tumour[col].between(0, 1).all(), col
+    summary = json.loads((out / "report" / "localisation.json").read_text())
+    assert summary["by_model"]["asmil"]["dice"]["n"] == 4 and summary["paired"]
+    html = (out / "report" / "index.html").read_text()
+    for section in ("Classification", "Attention instability", "Localisation", "Heatmaps", "New slides", "Slides left out"):
+        assert f">{section}" in html, section
+    assert html.count("data:image/jpeg;base64,") == 6  # heatmap sample: 6 slides x 1 drawn model
+    assert "broken" in html  # the unusable new slide is listed
+    # Inference on new slides: every model's ensemble, no labels; the broken slide says why.
+    pred = pd.read_csv(out / "predict" / "predictions.csv", keep_default_na=False)
+    new = pred[pred["slide_id"] == NEW_SLIDE]
+    assert sorted(new["model"]) == ["abmil", "asmil"] and (new["status"] == "ok").all()
+    assert (new["folds"] == "0;1").all() and (new["n_tiles"].astype(int) > 0).all()
+    assert (new["prob_normal"].astype(float) + new["prob_tumour"].astype(float)).tolist() == pytest.approx([1.0, 1.0])
+    broken = pred[pred["slide_id"] == "broken"]
+    assert (broken["status"] == "error").all() and broken["message"].str.contains("empty").all()
+    for model in ("asmil", "abmil"):
+        assert (out / "predict" / "heatmaps" / model / f"{NEW_SLIDE}.png").stat().st_size > 0
+        assert (out / "predict" / "heatmaps" / model / f"{NEW_SLIDE}.geojson").stat().st_size > 0
+    assert NEW_SLIDE not in set(preds["slide_id"])  # never in a test set: it has no label
+    for rule in ("segment", "tile", "features", "train", "heatmap", "attention", "localisation", "truth"):
         assert any((out / "logs" / rule).rglob("*.log"))
         assert any((out / "benchmarks" / rule).rglob("*.tsv"))
+
+
+#: What re-scoring every model re-runs downstream (cohort and new slides).
+SCORED = {"attention": 2, "heatmap": 8, "localisation": 2, "predict_attention": 2, "predict_heatmap": 2, "predict": 1}
 
 
 def rerun_plan(finished_run: tuple[Path, dict], edit: dict) -> dict[str, int]:
@@ -131,16 +182,26 @@ def test_nothing_to_do_after_a_run(finished_run: tuple[Path, dict]) -> None:
 @pytest.mark.parametrize(
     "edit,expected",
     [
-        ({"segment": {"min_saturation": 20}}, {"segment": 8, "tile": 8, "features": 8, "train": 4, "report": 1, "heatmap": 8}),
-        ({"tiling": {"tile_size": 256}}, {"tile": 8, "features": 8, "train": 4, "report": 1, "heatmap": 8}),
-        ({"features": {"precision": "fp32"}}, {"features": 8, "train": 4, "report": 1, "heatmap": 8}),
+        ({"segment": {"min_saturation": 20}}, {"segment": 8, "tile": 8, "features": 8, "train": 4, "report": 1, **SCORED,
+                                               "predict_segment": 1, "predict_tile": 1, "predict_features": 1}),
+        ({"tiling": {"tile_size": 256}}, {"tile": 8, "features": 8, "train": 4, "report": 1, **SCORED,
+                                          "predict_tile": 1, "predict_features": 1}),
+        ({"features": {"precision": "fp32"}}, {"features": 8, "train": 4, "report": 1, **SCORED, "predict_features": 1}),
         ({"features": {"batch_size": 32, "num_workers": 0}}, {}),
-        ({"train": {"lr": 0.0002}}, {"train": 4, "report": 1, "heatmap": 8}),
-        ({"train": {"asmil": {"beta": 0.5}}}, {"train": 2, "report": 1, "heatmap": 8}),
-        ({"train": {"abmil": {"hidden": 64}}}, {"train": 2, "report": 1}),
-        ({"heatmap": {"cmap": "viridis"}}, {"heatmap": 8}),
+        ({"train": {"lr": 0.0002}}, {"train": 4, "report": 1, **SCORED}),
+        ({"train": {"asmil": {"beta": 0.5}}}, {"train": 2, "report": 1, "attention": 1, "heatmap": 8, "localisation": 1,
+                                               "predict_attention": 1, "predict_heatmap": 1, "predict": 1}),
+        ({"train": {"abmil": {"hidden": 64}}}, {"train": 2, "report": 1, "attention": 1, "localisation": 1,
+                                                "predict_attention": 1, "predict_heatmap": 1, "predict": 1}),
+        # Drawing settings re-draw (and re-report: the page embeds heatmaps), never re-score.
+        ({"heatmap": {"cmap": "viridis"}}, {"heatmap": 8, "heatmap_legend": 1, "predict_heatmap": 2, "report": 1}),
+        ({"heatmap": {"localisation": {"threshold": "top_q"}}}, {"localisation": 2, "report": 1}),
+        ({"heatmap": {"fold": "ensemble"}}, {"attention": 2, "heatmap": 8, "localisation": 2, "report": 1}),
+        ({"heatmap": {"device": "cpu"}}, {}),
+        ({"predict": {"fold": 1}}, {"predict_attention": 2, "predict_heatmap": 2, "predict": 1, "report": 1}),
     ],
-    ids=["segment", "tiling", "features", "speed-only", "train", "asmil-only", "abmil-only", "heatmap"],
+    ids=["segment", "tiling", "features", "speed-only", "train", "asmil-only", "abmil-only", "heatmap",
+         "localisation", "scoring-fold", "scoring-device", "predict-fold"],
 )
 def test_config_edit_reruns_exactly_the_affected_stages(
     finished_run: tuple[Path, dict], edit: dict, expected: dict[str, int]

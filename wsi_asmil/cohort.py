@@ -111,3 +111,41 @@ def match_cohort(labels_path: str | Path, slides: dict[str, Path]) -> Cohort:
     if "mpp" in df.columns:
         mpp = {s: float(m) for s, m in zip(df["slide_id"], df["mpp"]) if not math.isnan(m)}
     return Cohort(slides={s: slides[s] for s in sorted(slides)}, labels=labels, mpp=mpp, unlabeled=unlabeled)
+
+
+def check_split_feasible(cohort: Cohort, labels_path: str | Path, mode: str, n_folds: int) -> None:
+    """Fail at start-up, not hours later in the split job, when the labeled slides cannot fill the
+    folds: every class needs at least ``n_folds`` slides for ``kfold``; ``fixed`` needs a split
+    value for every labeled slide and at least one train and one test slide.
+
+    Slides the inventory later finds unreadable are left out again by the split job, which then
+    repeats this check on what remains.
+    """
+    if mode == "kfold":
+        by_class: dict[str, list[str]] = {}
+        for slide_id, label in sorted(cohort.labels.items()):
+            by_class.setdefault(label, []).append(slide_id)
+        too_few = {c: ids for c, ids in by_class.items() if len(ids) < n_folds}
+        if too_few:
+            listed = "\n".join(f"  class {c!r}: {len(ids)} slide(s): {', '.join(map(repr, ids))}" for c, ids in sorted(too_few.items()))
+            raise LabelTableError(
+                f"label table {labels_path}: split.folds = {n_folds} needs at least {n_folds} labeled "
+                f"slides per class; too few in\n{listed}\n(lower split.folds, or add slides of that class)"
+            )
+    elif mode == "fixed" and cohort.labels:
+        df = read_labels(labels_path)
+        labeled = df[df["label"] != ""]
+        if "split" not in labeled.columns:
+            raise LabelTableError(f"label table {labels_path}: split.mode 'fixed' needs a 'split' column")
+        bad = labeled["split"] == ""
+        if bad.any():
+            raise LabelTableError(
+                f"label table {labels_path}: split.mode 'fixed' needs a split value (train/val/test) "
+                f"for every labeled slide; missing in\n{_rows(labeled, bad)}"
+            )
+        parts = set(labeled["split"])
+        if not {"train", "test"} <= parts:
+            raise LabelTableError(
+                f"label table {labels_path}: split.mode 'fixed' needs at least one 'train' and one "
+                f"'test' slide; found {sorted(parts)}"
+            )

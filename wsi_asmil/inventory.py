@@ -2,9 +2,9 @@
 
 A cohort of thousands of unchecked files always holds a few that are empty, truncated, not slides
 at all, or without a resolution. Probing them up front turns each into one line of
-``inventory/slides.csv`` naming the file and the reason, while every other slide goes on: the
-workflow schedules segmentation, features, training and heatmaps only for usable slides, and the
-report lists the rest.
+``inventory/slides.csv`` naming the file and the reason (files without a slide extension are
+logged as ignored), while every other slide goes on: the workflow schedules segmentation,
+features, training and heatmaps only for usable slides, and the report lists the rest.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pandas as pd
 from wsi_asmil.cli import optional_float, setup_logging
 from wsi_asmil.cohort import read_labels
 from wsi_asmil.io import write_csv
-from wsi_asmil.slide import Slide, SlideError, discover_slides
+from wsi_asmil.slide import SLIDE_EXTENSIONS, Slide, SlideError, discover_slides
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def take_inventory(
     slides_dir: str | Path, labels_csv: str | Path | None = None, mpp_fallback: float | None = None
 ) -> pd.DataFrame:
     """Probe every slide discovered in ``slides_dir``, with the label table's mpp overrides."""
-    slides, _ = discover_slides(slides_dir)
+    slides, ignored = discover_slides(slides_dir)
     overrides: dict[str, float] = {}
     if labels_csv is not None:
         table = read_labels(labels_csv)
@@ -64,7 +64,11 @@ def take_inventory(
     bad = inventory[inventory["status"] != "ok"]
     for _, row in bad.iterrows():
         log.error("unusable slide '%s' (%s): %s", row["slide_id"], row["path"], row["message"])
-    log.info("%d slides usable, %d unusable", len(inventory) - len(bad), len(bad))
+    for path in ignored:
+        log.warning("ignoring %s: not a slide extension (%s)", path, " ".join(SLIDE_EXTENSIONS))
+    log.info(
+        "%d slides usable, %d unusable, %d other files ignored", len(inventory) - len(bad), len(bad), len(ignored)
+    )
     return inventory
 
 

@@ -6,6 +6,7 @@ so a 0.263 um/px scanner and a 0.25 um/px scanner give the same physical field o
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Mapping
@@ -23,8 +24,26 @@ SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".bif", "
 #: um/px level serves 0.25 um/px requests instead of forcing a read of the level above.
 MPP_TOLERANCE = 0.02
 
+#: Side (level pixels) of the pieces a thumbnail block is re-read in when the block holds an
+#: undecodable tile: the common TIFF tile size, so each piece touches one tile.
+PATCHWORK_PIECE = 256
+
+log = logging.getLogger(__name__)
+
 class SlideError(RuntimeError):
     """A slide cannot be used; the message names the slide and what to do."""
+
+
+class RegionReadError(SlideError):
+    """One region of an otherwise readable slide cannot be decoded (a corrupt JPEG tile, a
+    truncated strip). The slide's handle has been reopened, so the next read works."""
+
+    def __init__(self, message: str, level: int, x0: int, y0: int, width: int, height: int) -> None:
+        super().__init__(message, level, x0, y0, width, height)  # all in args: picklable
+        self.level, self.x0, self.y0, self.width, self.height = level, x0, y0, width, height
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 @dataclass(frozen=True)
@@ -89,18 +108,33 @@ class Slide:
     ) -> None:
         self.path = Path(path)
         self.slide_id = slide_id_of(self.path)
+        #: Level-0 boxes ``(x0, y0, width, height)`` that thumbnails filled as background because
+        #: they could not be decoded; empty for a healthy slide.
+        self.unreadable_regions: list[tuple[int, int, int, int]] = []
         if not self.path.exists():
             raise SlideError(f"slide '{self.slide_id}': file {self.path} does not exist")
         if self.path.is_file() and self.path.stat().st_size == 0:
             raise SlideError(f"slide '{self.slide_id}': file {self.path} is empty (0 bytes)")
         try:
-            self._osr = openslide.OpenSlide(str(self.path))
+            self._osr = self._open()
         except (openslide.OpenSlideError, ValueError, OSError) as exc:
             raise SlideError(
                 f"slide '{self.slide_id}': OpenSlide cannot read {self.path} ({exc}); "
                 "the file is truncated, corrupt or not a supported slide format"
             ) from exc
         self.mpp_info = self._resolve_mpp(mpp_override, mpp_fallback)
+
+    def _open(self) -> openslide.OpenSlide:
+        return openslide.OpenSlide(str(self.path))
+
+    def reopen(self) -> None:
+        """A fresh OpenSlide handle: after a failed decode OpenSlide answers every later read of
+        the same handle with the same error, so a handle is reopened after each failure."""
+        try:
+            self._osr.close()
+        except Exception:  # the old handle is in an error state; closing it may fail too
+            pass
+        self._osr = self._open()
 
     def _resolve_mpp(self, override: float | None, fallback: float | None) -> MppSource:
         props = dict(self._osr.properties)
@@ -115,7 +149,7 @@ class Slide:
         if fallback is not None:
             return MppSource(float(fallback), "config.mpp_fallback")
         raise SlideError(
-            f"slide '{self.slide_id}': no microns-per-pixel in {self.path.name} (no OpenSlide mpp "
+            f"slide '{self.slide_id}': no microns-per-pixel in {self.path} (no OpenSlide mpp "
             "property, no TIFF resolution tags). Supply it either as an 'mpp' column for this "
             "slide in the label table, or as 'mpp_fallback' in config.yaml."
         )
@@ -168,8 +202,20 @@ class Slide:
         """RGB uint8 region at a pyramid level; ``x0, y0`` are level-0 coordinates.
 
         Transparent pixels (outside the scanned area) are composited on white, as glass is.
+        A region that cannot be decoded raises :class:`RegionReadError` naming the slide, the
+        level and the level-0 box; the handle is reopened so the next read works.
         """
-        rgba = np.asarray(self._osr.read_region((int(x0), int(y0)), level, (width, height)))
+        try:
+            region = self._osr.read_region((int(x0), int(y0)), level, (width, height))
+        except openslide.OpenSlideError as exc:
+            self.reopen()
+            ds = self.level_downsamples[level]
+            raise RegionReadError(
+                f"slide '{self.slide_id}': cannot decode level {level} region at level-0 "
+                f"({int(x0)}, {int(y0)}) size {width}x{height} of {self.path} ({exc})",
+                level, int(x0), int(y0), int(round(width * ds)), int(round(height * ds)),
+            ) from exc
+        rgba = np.asarray(region)
         rgb = rgba[..., :3].copy()
         alpha = rgba[..., 3]
         if (alpha < 255).any():
@@ -218,13 +264,39 @@ class Slide:
                 bw = min(block, out_w - ox)
                 lx0 = int(round(ox * sx))
                 lx1 = min(lw, max(int(round((ox + bw) * sx)), lx0 + 1))
-                region = self.read_rgb(
-                    level, int(lx0 * level_ds), int(ly0 * level_ds), lx1 - lx0, ly1 - ly0
-                )
+                region = self._read_rgb_patchwork(level, lx0, ly0, lx1 - lx0, ly1 - ly0)
                 out[oy : oy + bh, ox : ox + bw] = cv2.resize(
                     region, (bw, bh), interpolation=cv2.INTER_AREA
                 )
         return out, w0 / out_w
+
+    def _read_rgb_patchwork(self, level: int, lx0: int, ly0: int, width: int, height: int) -> np.ndarray:
+        """A region given in *level* pixels; where it cannot be decoded, the undecodable pieces
+        (on the level's 256-px grid, the usual TIFF tile size) are filled white (background) and
+        recorded in :attr:`unreadable_regions`, so one corrupt tile does not lose the slide."""
+        ds = self.level_downsamples[level]
+        try:
+            return self.read_rgb(level, int(lx0 * ds), int(ly0 * ds), width, height)
+        except RegionReadError:
+            pass
+        out = np.full((height, width, 3), 255, dtype=np.uint8)
+        piece = PATCHWORK_PIECE
+        for py in range(ly0 - ly0 % piece, ly0 + height, piece):
+            for px in range(lx0 - lx0 % piece, lx0 + width, piece):
+                ax, ay = max(px, lx0), max(py, ly0)
+                bx, by = min(px + piece, lx0 + width), min(py + piece, ly0 + height)
+                try:
+                    region = self.read_rgb(level, int(ax * ds), int(ay * ds), bx - ax, by - ay)
+                except RegionReadError as exc:
+                    box = (exc.x0, exc.y0, exc.width, exc.height)
+                    self.unreadable_regions.append(box)
+                    log.warning(
+                        "slide '%s': level %d region at level-0 (%d, %d) size %dx%d cannot be "
+                        "decoded; treated as background", self.slide_id, level, *box,
+                    )
+                    continue
+                out[ay - ly0 : by - ly0, ax - lx0 : bx - lx0] = region
+        return out
 
     def close(self) -> None:
         self._osr.close()
@@ -267,4 +339,11 @@ def discover_slides(slides_dir: str | os.PathLike[str]) -> tuple[dict[str, Path]
                 f"{candidate.name}; rename one"
             )
         found[sid] = candidate
+    braces = [sid for sid in found if "{" in sid or "}" in sid]
+    if braces:
+        # Snakemake reads braces in a path as a wildcard; any other character works.
+        raise SlideError(
+            f"slide id(s) with '{{' or '}}' in {root}: {', '.join(map(repr, braces))}; Snakemake reads "
+            "braces in file names as wildcards: rename these files (and their label table rows)"
+        )
     return found, ignored

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,14 +33,19 @@ import zarr
 
 from wsi_asmil import __version__
 from wsi_asmil.io import atomic_path
+from wsi_asmil.provenance import store_pointer
 
 ROWS_PER_CHUNK = 4096
 
 
 def provenance() -> dict[str, Any]:
+    """Version, time and host of the job; inside a workflow run also ``run_id`` and ``manifest``,
+    the run's manifest file (see :mod:`wsi_asmil.provenance`)."""
     return {
         "wsi_asmil_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "host": socket.gethostname(),
+        **store_pointer(),
     }
 
 

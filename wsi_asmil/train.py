@@ -91,6 +91,60 @@ SPLIT_PARTS = ("train", "val", "test")
 AutocastFactory = Callable[[], contextlib.AbstractContextManager[Any]]
 
 
+# --- out of memory -----------------------------------------------------------------------------------
+
+
+class BagMemoryError(RuntimeError):
+    """A bag (or a fold's bags) does not fit in memory; the message says what to change."""
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA or host allocation failure, in any of the forms torch raises it."""
+    if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and (
+        "out of memory" in text or "can't allocate memory" in text or "cannot allocate memory" in text
+    )
+
+
+@contextlib.contextmanager
+def oom_guard(what: str, slide_id: str | None, n_tiles: int, device: torch.device | str, advice: str) -> Any:
+    """Turn an out-of-memory error into :class:`BagMemoryError` naming the slide, the bag size
+    and the setting to change, instead of a bare CUDA traceback. Other errors pass through.
+
+    ``what`` is the step ("training on", "evaluating", ...); also usable by inference stages.
+    """
+    try:
+        yield
+    except BagMemoryError:
+        raise
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        subject = f"slide '{slide_id}'" if slide_id is not None else "the fold's slides"
+        raise BagMemoryError(
+            f"out of memory on {device} {what} {subject}, a bag of {n_tiles} tiles "
+            f"({exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). {advice}"
+        ) from exc
+
+
+def _train_advice(max_tiles: int | None) -> str:
+    cap = f"lower train.max_tiles (now {max_tiles})" if max_tiles else "set train.max_tiles (for example 8000)"
+    return (
+        f"To fit, {cap}: training then uses a random subset of that many tiles per bag and step; "
+        "or set train.device: cpu (slower, host memory); or free the GPU (another process may hold it)"
+    )
+
+
+_EVAL_ADVICE = (
+    "Evaluation uses every tile of a bag (train.max_tiles only caps training): set train.device: cpu "
+    "(host memory is usually larger), or free the GPU (another process may hold it)"
+)
+
+
 # --- parameters ------------------------------------------------------------------------------------
 
 
@@ -185,7 +239,13 @@ def load_bags(
             skipped.append(slide_id)
             continue
         label = class_index[labels[slide_id]]
-        features_t = torch.from_numpy(features).to(device)
+        loaded = sum(int(b.features.shape[0]) for b in bags) + features.shape[0]
+        with oom_guard(
+            "loading the features of", slide_id, features.shape[0], device,
+            f"Every bag of the fold is kept on the device ({loaded} tiles so far, "
+            f"{features.shape[1]}-d): set train.device: cpu, or free the GPU",
+        ):
+            features_t = torch.from_numpy(features).to(device)
         bags.append(Bag(slide_id, label, features_t, torch.tensor(label, device=device)))
     return bags, skipped
 
@@ -301,14 +361,15 @@ def train_one_epoch(trainer: Trainer, bags: Sequence[Bag], desc: str = "train") 
         if max_tiles and x.shape[0] > max_tiles:
             subset = np.sort(t.rng.choice(x.shape[0], size=max_tiles, replace=False))
             x = x[torch.from_numpy(subset).to(x.device)]
-        with t.autocast():
-            out = t.model(x)
-            anchor_logits = t.anchor.attention_logits(x) if t.anchor is not None else None
-        losses = t.loss_fn(out["logits"], bag.target, out["attn_logits"], anchor_logits)
-        losses["aux"] = t.model.auxiliary_loss(out, bag.target)
-        losses["loss"] = losses["loss"] + losses["aux"]
-        t.optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
+        with oom_guard("training on", bag.slide_id, int(x.shape[0]), x.device, _train_advice(max_tiles)):
+            with t.autocast():
+                out = t.model(x)
+                anchor_logits = t.anchor.attention_logits(x) if t.anchor is not None else None
+            losses = t.loss_fn(out["logits"], bag.target, out["attn_logits"], anchor_logits)
+            losses["aux"] = t.model.auxiliary_loss(out, bag.target)
+            losses["loss"] = losses["loss"] + losses["aux"]
+            t.optimizer.zero_grad(set_to_none=True)
+            losses["loss"].backward()
         if t.params["grad_clip"]:
             torch.nn.utils.clip_grad_norm_(t.model.parameters(), float(t.params["grad_clip"]))
         t.optimizer.step()
@@ -347,8 +408,9 @@ def evaluate(
     model.eval()
     probs, losses, attention = [], [], {}
     for bag in bags:
-        with autocast():
-            out = model(bag.features)
+        with oom_guard("evaluating", bag.slide_id, int(bag.features.shape[0]), bag.features.device, _EVAL_ADVICE):
+            with autocast():
+                out = model(bag.features)
         logits = out["logits"].float()
         losses.append(float(F.cross_entropy(logits[None], bag.target[None])))
         probs.append(torch.softmax(logits, dim=-1).cpu().numpy())
@@ -598,10 +660,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     with logging_redirect_tqdm():
-        train_fold(
-            args.features_dir, args.split, args.fold, args.model, _parse_params(args.params),
-            args.out_dir, args.device,
-        )
+        try:
+            train_fold(
+                args.features_dir, args.split, args.fold, args.model, _parse_params(args.params),
+                args.out_dir, args.device,
+            )
+        except BagMemoryError as exc:  # the message says what to change; no CUDA traceback
+            logger.error("%s", exc)
+            raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from pathlib import Path
 sys.path.insert(0, workflow.basedir)
 
 from wsi_asmil import __version__ as VERSION
-from wsi_asmil.cohort import match_cohort
+from wsi_asmil.cohort import check_split_feasible, match_cohort
 from wsi_asmil.inventory import usable_ids
 from wsi_asmil.slide import discover_slides
 from wsi_asmil.synthetic import demo_slide_ids
@@ -41,6 +41,7 @@ else:
         print(f"wsi-asmil: ignoring {_p} (not a slide extension)", file=sys.stderr)
     SLIDES_DIR = config["slides_dir"]
     COHORT = match_cohort(config["labels"], _found)
+    check_split_feasible(COHORT, config["labels"], config["split"]["mode"], config["split"]["folds"])
     SLIDE_IDS = sorted(COHORT.slides)
     LABELS = config["labels"]
     TRAIN_IDS = COHORT.labeled_ids
@@ -108,5 +109,7 @@ def all_outputs(wildcards=None):
     return [
         f"{REPORT}/metrics.json",
         f"{REPORT}/predictions.csv",
-        *expand(f"{OUT}/heatmaps/{{model}}/{{slide}}.png", model=config["heatmap"]["models"], slide=usable(TRAIN_IDS)),
+        f"{REPORT}/index.html",
+        *heatmap_targets(),  # heatmap.smk: drawn heatmaps, legend, localisation
+        *predict_targets(),  # predict.smk: predictions and heatmaps of new slides
     ]

@@ -1,0 +1,17 @@
+# How runs execute, whatever the executor:
+# - provenance (wsi_asmil.provenance): the main Snakemake process gets a run id, exported to every
+#   job (locally and through sbatch) so that Zarr stores name their run in their attrs, and writes
+#   {out_dir}/manifests/<run_id>.json plus {out_dir}/manifest.json before the first job (not in
+#   dry runs, not when there is nothing to do);
+# - a fix for Snakemake's batching of group jobs (group-components, used by profiles/slurm to run
+#   segment + tile for a batch of slides in one Slurm job): see wsi_asmil.snakemake_fixes.
+from wsi_asmil import provenance as _provenance
+from wsi_asmil.snakemake_fixes import patch_group_job_factory
+
+patch_group_job_factory()
+
+RUN_ID = _provenance.run_environment(OUT, workflow.is_main_process)
+
+
+onstart:
+    _provenance.write_run_manifest(workflow, config, OUT, RUN_ID)
