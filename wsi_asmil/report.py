@@ -101,10 +101,10 @@ def histories(models_dir: str | Path, models: Sequence[str], n_folds: int) -> di
     return out
 
 
-def _fmt(stat: dict[str, float]) -> str:
+def _fmt(stat: dict[str, float], spec: str = ".3f") -> str:
     if stat is None or math.isnan(stat["mean"]):
         return "n/a"
-    return f"{stat['mean']:.3f} ± {stat['std']:.3f}"
+    return f"{stat['mean']:{spec}} ± {stat['std']:{spec}}"
 
 
 def markdown_table(report: dict[str, Any]) -> str:
@@ -113,7 +113,7 @@ def markdown_table(report: dict[str, Any]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for model, r in report.items():
         cells = [_fmt(r["test"].get(k)) for k in TABLE_METRICS]
-        lines.append("| " + " | ".join([model, *cells, _fmt(r["instability_last10"])]) + " |")
+        lines.append("| " + " | ".join([model, *cells, _fmt(r["instability_last10"], ".2e")]) + " |")
     n = len(next(iter(report.values()))["folds"]) if report else 0
     note = f"\nTest metrics at the epoch selected by val F1 + val AUC, mean ± std over {n} fold(s).\n"
     return "\n".join(lines) + "\n" + note
