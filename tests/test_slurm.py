@@ -325,7 +325,9 @@ def test_workflow_on_a_real_slurm_cluster(tmp_path: Path) -> None:
     # 4. the same results as the local run
     ids = [f"demo_{i:03d}" for i in range(N_SLIDES)]
     tiling, encoder = "0.5mpp_224px", "resnet18"
-    manifest = json.loads((slurm_out / "manifest.json").read_text())
+    runs = sorted((slurm_out / "manifests").glob("*.json"))
+    assert len(runs) == 2  # the cluster run and the re-run of segment + tile, each recorded
+    assert json.loads((slurm_out / "manifest.json").read_text()) == json.loads(runs[-1].read_text())
     for sid in ids:
         c_local, f_local, _ = store.read_tiles(local_out / "tiles" / tiling / f"{sid}.zarr")
         c_slurm, f_slurm, _ = store.read_tiles(slurm_out / "tiles" / tiling / f"{sid}.zarr")
@@ -333,9 +335,12 @@ def test_workflow_on_a_real_slurm_cluster(tmp_path: Path) -> None:
         x_local, xy_local, _ = store.read_features(local_out / "features" / tiling / encoder / f"{sid}.zarr")
         x_slurm, xy_slurm, attrs = store.read_features(slurm_out / "features" / tiling / encoder / f"{sid}.zarr")
         assert len(x_slurm) > 0 and np.array_equal(x_local, x_slurm) and np.array_equal(xy_local, xy_slurm)
-        # provenance: the store names the cluster run and its manifest
-        assert attrs["run_id"] == manifest["run_id"] and Path(attrs["manifest"]).is_file()
-        assert attrs["weights"] == manifest["encoder"]["weights"]
+        # provenance: the store names the cluster run that wrote it, and that run's manifest
+        manifest = json.loads(Path(attrs["manifest"]).read_text())
+        assert attrs["run_id"] == manifest["run_id"] == runs[0].stem
+        assert attrs["weights"] == manifest["encoder"]["weights"] and manifest["executor"] == "slurm"
+        assert manifest["config"]["demo"]["n_slides"] == N_SLIDES and manifest["versions"]["snakemake"]
+        assert store.read_tiles(slurm_out / "tiles" / tiling / f"{sid}.zarr")[2]["run_id"] == runs[1].stem
     assert json.loads((local_out / "splits" / "split.json").read_text()) == json.loads(
         (slurm_out / "splits" / "split.json").read_text()
     )
@@ -344,5 +349,3 @@ def test_workflow_on_a_real_slurm_cluster(tmp_path: Path) -> None:
     pd.testing.assert_frame_equal(
         pd.read_csv(local_out / "report" / "predictions.csv"), pd.read_csv(slurm_out / "report" / "predictions.csv")
     )
-    assert manifest["executor"] == "slurm"
-    assert manifest["config"]["demo"]["n_slides"] == N_SLIDES and manifest["versions"]["snakemake"]

@@ -207,3 +207,77 @@ def test_config_edit_reruns_exactly_the_affected_stages(
     finished_run: tuple[Path, dict], edit: dict, expected: dict[str, int]
 ) -> None:
     assert rerun_plan(finished_run, edit) == expected
+
+
+def planned_outputs(proc: subprocess.CompletedProcess) -> list[str]:
+    """Every output path of the jobs a dry run plans."""
+    paths = []
+    for line in (proc.stdout + proc.stderr).splitlines():
+        key, _, value = line.strip().partition(": ")
+        if key == "output":
+            paths += [p.strip() for p in value.split(", ")]
+    return paths
+
+
+def test_encoder_change_reruns_features_onwards_and_keeps_the_old_features(finished_run: tuple[Path, dict]) -> None:
+    tmp, config = finished_run
+    out = Path(config["out_dir"])
+    proc = snakemake("-n", config=deep_merge(config, {"features": {"encoder": "vit_small"}}), tmp=tmp)
+    assert planned_rules(proc) == {"features": 8, "train": 4, "report": 1, **SCORED, "predict_features": 1}
+    outputs = planned_outputs(proc)
+    assert sum("/features/0.5mpp_224px/vit_small/" in p for p in outputs) >= 8
+    # the new encoder's stores go beside the old ones, which no job touches
+    assert not [p for p in outputs if "/features/0.5mpp_224px/resnet18/" in p]
+    assert len(list((out / "features" / "0.5mpp_224px" / "resnet18").glob("*.zarr"))) >= 8
+
+
+def test_package_version_change_reruns_every_stage(finished_run: tuple[Path, dict]) -> None:
+    """The version is a param of every rule: a new release of the code redoes everything."""
+    tmp, config = finished_run
+    cfg = tmp / "config-version.yaml"
+    cfg.write_text(yaml.safe_dump(config))
+    bumped = (
+        "import sys, wsi_asmil; wsi_asmil.__version__ = '999.0.0'; "
+        "from snakemake.cli import main; sys.argv = ['snakemake', *sys.argv[1:]]; main()"
+    )
+    args = ["--snakefile", str(REPO / "Snakefile"), "--directory", str(REPO), "--cores", "2", "-n", "--configfile", str(cfg)]
+    proc = subprocess.run([sys.executable, "-c", bumped, *args], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    forced = snakemake("-n", "--forceall", config=config, tmp=tmp)
+    plan = planned_rules(proc)
+    assert plan == planned_rules(forced) and {"demo_cohort", "inventory"} <= set(plan)
+
+
+def test_forcerun_and_until_redo_one_stage(finished_run: tuple[Path, dict]) -> None:
+    tmp, config = finished_run
+    assert planned_rules(snakemake("-n", "--forcerun", "segment", "--until", "tile", config=config, tmp=tmp)) == {
+        "segment": 8, "tile": 8,
+    }
+
+
+def test_list_changes_names_the_outputs_an_edit_affects(finished_run: tuple[Path, dict]) -> None:
+    tmp, config = finished_run
+    out = Path(config["out_dir"])
+    proc = snakemake("--list-changes", "params", config=deep_merge(config, {"train": {"lr": 0.0002}}), tmp=tmp)
+    listed = {line.strip() for line in proc.stdout.splitlines() if line.strip().startswith(str(out))}
+    assert str(out / "models" / "asmil" / "fold0" / "model.pt") in listed
+    assert not any("/segment/" in p or "/tiles/" in p or "/features/" in p for p in listed)
+    # nothing changed, nothing listed (Snakemake 9.27 alone lists every output: wsi_asmil.snakemake_fixes)
+    assert not snakemake("--list-changes", "params", config=config, tmp=tmp).stdout.strip()
+
+
+def test_run_manifest_and_store_pointers(finished_run: tuple[Path, dict]) -> None:
+    """The run wrote its manifest; every store names that run and its manifest."""
+    tmp, config = finished_run
+    out = Path(config["out_dir"])
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (out / "manifests" / f"{manifest['run_id']}.json").is_file()
+    assert manifest["executor"] == "local" and manifest["config"]["demo"]["n_slides"] == TINY["demo"]["n_slides"]
+    assert manifest["wsi_asmil"]["version"] and len(manifest["wsi_asmil"]["source_sha256"]) == 64
+    for dist in ("torch", "timm", "openslide-python", "zarr", "snakemake"):
+        assert manifest["versions"][dist], dist
+    for path in [*(out / "tiles" / "0.5mpp_224px").glob("*.zarr"), *(out / "features" / "0.5mpp_224px" / "resnet18").glob("*.zarr")]:
+        attrs = store.open_store(path).attrs
+        assert attrs["run_id"] == manifest["run_id"] and attrs["manifest"] == str(out.resolve() / "manifests" / f"{manifest['run_id']}.json")
+        if "weights" in attrs:
+            assert attrs["weights"] == manifest["encoder"]["weights"]

@@ -3,12 +3,13 @@
 #   job (locally and through sbatch) so that Zarr stores name their run in their attrs, and writes
 #   {out_dir}/manifests/<run_id>.json plus {out_dir}/manifest.json before the first job (not in
 #   dry runs, not when there is nothing to do);
-# - a fix for Snakemake's batching of group jobs (group-components, used by profiles/slurm to run
-#   segment + tile for a batch of slides in one Slurm job): see wsi_asmil.snakemake_fixes.
+# - fixes for Snakemake's batching of group jobs (group-components, used by profiles/slurm to run
+#   segment + tile for a batch of slides in one Slurm job) and for `--list-changes params`:
+#   see wsi_asmil.snakemake_fixes.
 from wsi_asmil import provenance as _provenance
-from wsi_asmil.snakemake_fixes import patch_group_job_factory
+from wsi_asmil import snakemake_fixes as _snakemake_fixes
 
-patch_group_job_factory()
+_snakemake_fixes.apply()
 
 RUN_ID = _provenance.run_environment(OUT, workflow.is_main_process)
 
