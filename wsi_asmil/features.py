@@ -31,6 +31,7 @@ from wsi_asmil import store
 from wsi_asmil.cli import add_slide_args, setup_logging
 from wsi_asmil.encoders import Encoder, build_encoder
 from wsi_asmil.io import atomic_path
+from wsi_asmil.memory import is_out_of_memory
 from wsi_asmil.slide import RegionReadError, Slide, SlideError
 
 log = logging.getLogger(__name__)
@@ -42,16 +43,6 @@ MAX_FAILED_FRACTION = 0.5
 
 class FeatureExtractionError(RuntimeError):
     """Feature extraction of one slide failed; the message names the slide and what to do."""
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """CUDA or host allocation failure, in any of the forms torch raises it."""
-    if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
-        return True
-    text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and (
-        "out of memory" in text or "can't allocate memory" in text or "cannot allocate memory" in text
-    )
 
 
 class TileDataset(Dataset):

@@ -31,9 +31,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from wsi_asmil.cli import setup_logging
+from wsi_asmil.io import atomic_path
+from wsi_asmil.memory import is_out_of_memory
 from wsi_asmil.metrics import classification_metrics, last_mean, mean_jsd
 from wsi_asmil.models import Anchor, MILLoss, MILModel, build_model, model_spec, save_checkpoint
-from wsi_asmil.io import atomic_path
 from wsi_asmil.store import read_features
 
 logger = logging.getLogger(__name__)
@@ -96,16 +97,6 @@ AutocastFactory = Callable[[], contextlib.AbstractContextManager[Any]]
 
 class BagMemoryError(RuntimeError):
     """A bag (or a fold's bags) does not fit in memory; the message says what to change."""
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """CUDA or host allocation failure, in any of the forms torch raises it."""
-    if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
-        return True
-    text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and (
-        "out of memory" in text or "can't allocate memory" in text or "cannot allocate memory" in text
-    )
 
 
 @contextlib.contextmanager
