@@ -16,7 +16,6 @@ features store, so stores built from different weights are never mixed up.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,8 @@ from pathlib import Path
 import timm
 import torch
 from torch import nn
+
+from wsi_asmil.io import sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -61,14 +62,6 @@ class Encoder:
 
 class WeightsError(RuntimeError):
     """Weights cannot be loaded; the message names the config key ``features.weights``."""
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def spec_for(name: str) -> EncoderSpec:

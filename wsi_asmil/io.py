@@ -7,6 +7,7 @@ but these guarantees hold when a stage is run by hand or killed with SIGKILL.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -83,3 +84,12 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
     if arr is None:
         raise FileNotFoundError(f"cannot read image {path}")
     return arr if arr.ndim == 2 else cv2.cvtColor(arr[..., :3], cv2.COLOR_BGR2RGB)
+
+
+def sha256_of(path: str | os.PathLike[str]) -> str:
+    """Content hash of a file, read in blocks (weights files run to gigabytes)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from wsi_asmil import __version__
-from wsi_asmil.io import write_text
+from wsi_asmil.io import sha256_of, write_text
 
 RUN_ID_ENV = "WSI_ASMIL_RUN_ID"
 MANIFEST_ENV = "WSI_ASMIL_MANIFEST"
@@ -171,14 +171,6 @@ def source_sha256(package_dir: Path = PACKAGE_DIR) -> str:
     return h.hexdigest()
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def weights_identity(features: dict[str, Any]) -> dict[str, Any]:
     """The encoder and the identity of its weights, as the features stores record them."""
     encoder = features.get("encoder")
@@ -193,7 +185,7 @@ def weights_identity(features: dict[str, Any]) -> dict[str, Any]:
     else:
         path = Path(str(weights)).expanduser()
         out["weights_path"] = str(path.resolve())
-        out["weights"] = f"sha256:{_sha256_file(path)}" if path.is_file() else None
+        out["weights"] = f"sha256:{sha256_of(path)}" if path.is_file() else None
         if not path.is_file():
             out["error"] = f"features.weights: file {path} does not exist"
     return out
