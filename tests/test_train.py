@@ -15,7 +15,18 @@ import torch
 import zarr
 
 from wsi_asmil.models import MODELS, build_model, load_model
-from wsi_asmil.train import DEFAULT_PARAMS, cosine_schedule, main, resolve_params, train_fold
+from wsi_asmil.train import (
+    DEFAULT_PARAMS,
+    build_trainer,
+    cosine_schedule,
+    evaluate,
+    load_bags,
+    load_fold,
+    main,
+    resolve_params,
+    train_fold,
+    train_one_epoch,
+)
 
 CLASSES = ["normal", "tumour"]
 OUTPUTS = ["model.pt", "last.pt", "history.csv", "instability.csv", "predictions.csv", "metrics.json", "curves.png"]
@@ -225,6 +236,76 @@ def test_cosine_schedule_decays_per_step_to_zero() -> None:
     assert rates[0] == 1.0 and rates[5] == pytest.approx(0.5)
     assert all(a > b for a, b in zip(rates, rates[1:]))
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize(("name", "overrides"), [
+    ("asmil", {"max_tiles": 30}),  # CE + L_AS, random tile subsets
+    ("acmil", {}),  # CE + branch/diversity auxiliary loss
+])
+def test_epoch_means_equal_the_mean_of_each_steps_losses(cohort, name: str, overrides: dict) -> None:
+    """The epoch's loss terms (accumulated on the device, read once) equal the mean of the values
+    each step computed, read independently here one step at a time; so do the per-step totals."""
+    features_dir, split = cohort
+    data = load_fold(features_dir, split, 0, torch.device("cpu"))
+    trainer = build_trainer(name, data, resolve_params(_fast(**overrides)), torch.device("cpu"))
+    seen: list[dict] = []
+    loss_fn = trainer.loss_fn
+
+    def recording_loss_fn(*args: object) -> dict:
+        losses = loss_fn(*args)
+        seen.append(losses)  # the trainer then adds "aux" and the final "loss" to this very dict
+        return losses
+
+    trainer.loss_fn = recording_loss_fn  # type: ignore[assignment]
+    for epoch in range(2):
+        seen.clear()
+        steps: list[float] = []
+        stats = train_one_epoch(trainer, data.bags["train"], step_losses=steps)
+        n = len(data.bags["train"])
+        assert len(seen) == n == len(steps)
+        for key in ("loss", "ce", "as", "aux"):
+            values = [float(losses[key].detach()) for losses in seen]
+            assert stats[key] == sum(values) / n, (epoch, key)  # bit for bit: float64 sum in step order
+        assert steps == [float(losses["loss"].detach()) for losses in seen]
+        assert len(set(steps)) == n  # n different steps, not one value repeated
+        terms = [sum(float(losses[k].detach()) for k in ("ce", "as", "aux")) for losses in seen]
+        assert steps == pytest.approx(terms, rel=1e-6)
+    assert stats["aux" if name == "acmil" else "as"] > 0
+
+
+def test_float16_held_features_train_and_evaluate_exactly_as_float32(cohort) -> None:
+    """On a GPU a fold's features are held as float16 (the stores' own precision): the trainer
+    upcasts on the device, so every loss, probability and attention weight equals float32's."""
+    features_dir, split = cohort
+    results = []
+    for dtype in (torch.float16, torch.float32):
+        data = load_fold(features_dir, split, 0, torch.device("cpu"), dtype)
+        assert {b.features.dtype for group in data.bags.values() for b in group} == {dtype}
+        trainer = build_trainer("asmil", data, resolve_params(_fast(max_tiles=30)), torch.device("cpu"))
+        steps: list[float] = []
+        stats = [train_one_epoch(trainer, data.bags["train"], step_losses=steps) for _ in range(2)]
+        val = evaluate(trainer.model, data.bags["val"], 2, trainer.autocast)
+        results.append((stats, steps, val))
+    (stats16, steps16, val16), (stats32, steps32, val32) = results
+    assert stats16 == stats32 and steps16 == steps32
+    assert val16.loss == val32.loss and np.array_equal(val16.probs, val32.probs)
+    assert val16.attention.keys() == val32.attention.keys()
+    assert all(np.array_equal(val16.attention[k], val32.attention[k]) for k in val16.attention)
+
+
+def test_float16_is_used_only_where_it_is_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import wsi_asmil.store as store
+
+    exact = np.float16([[0.5, -3.25], [1e-3, 2.0]]).astype(np.float32)
+    inexact = np.float32([[0.1, 1e6]])
+    arrays = {"exact": exact, "inexact": inexact}
+    monkeypatch.setattr(store, "read_features", lambda path: (arrays[Path(path).stem], None, {}))
+    bags, _ = load_bags(tmp_path, ["exact", "inexact"], {"exact": "normal", "inexact": "tumour"}, CLASSES,
+                        torch.device("cpu"), torch.float16)
+    assert bags[0].features.dtype == torch.float16 and torch.equal(bags[0].features.float(), torch.from_numpy(exact))
+    assert bags[1].features.dtype == torch.float32 and torch.equal(bags[1].features, torch.from_numpy(inexact))
+    with pytest.raises(ValueError, match="float16 or float32"):
+        load_bags(tmp_path, ["exact"], {"exact": "normal"}, CLASSES, torch.device("cpu"), torch.bfloat16)
 
 
 @pytest.fixture(scope="module")

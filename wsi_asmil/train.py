@@ -35,7 +35,6 @@ from wsi_asmil.io import atomic_path
 from wsi_asmil.memory import is_out_of_memory
 from wsi_asmil.metrics import classification_metrics, last_mean, mean_jsd
 from wsi_asmil.models import Anchor, MILLoss, MILModel, build_model, model_spec, save_checkpoint
-from wsi_asmil.store import read_features
 
 logger = logging.getLogger(__name__)
 
@@ -174,7 +173,11 @@ def split_model_params(model_params: Mapping[str, Any]) -> tuple[dict[str, Any],
 
 @dataclass(frozen=True)
 class Bag:
-    """One slide's features and label, already on the training device."""
+    """One slide's features and label, already on the training device.
+
+    ``features`` may be float16 (see :func:`feature_dtype`); every consumer upcasts with
+    ``.float()`` (a no-op on float32) so the maths is float32 either way.
+    """
 
     slide_id: str
     label: int
@@ -202,19 +205,44 @@ def load_split(
     return list(data["classes"]), dict(data["labels"]), parts
 
 
+_NUMPY_DTYPES = {torch.float16: np.float16, torch.float32: np.float32}
+
+
+def feature_dtype(device: torch.device) -> torch.dtype:
+    """How a fold's features are held on ``device``: float16 on CUDA, float32 elsewhere.
+
+    Feature stores hold float16 (store.py), so float16 on the GPU is exact, not a rounding (a bag
+    whose values float16 cannot hold exactly stays float32): it halves the memory of a cohort kept
+    on the GPU for the whole fold, and the trainer upcasts each bag to float32 on the device
+    (microseconds) so results equal a float32 copy's. bfloat16 is not used: its 8-bit mantissa
+    would round the stored values before standardisation. On the CPU the upcast would cost time
+    every step and memory is rarely the limit, so float32 stays.
+    """
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
 def load_bags(
     features_dir: str | os.PathLike[str],
     slide_ids: Sequence[str],
     labels: Mapping[str, str],
     classes: Sequence[str],
     device: torch.device,
+    dtype: torch.dtype | None = None,
 ) -> tuple[list[Bag], list[str]]:
     """Read each slide's features once onto ``device``; returns (bags, skipped empty slides).
+
+    ``dtype`` defaults to :func:`feature_dtype`. Each bag is copied to the device once, here;
+    training and evaluation then never move features between host and device.
 
     A slide without tissue (M = 0) has no attention distribution and no prediction, so it is left
     out of training and of every metric, with a warning rather than an error: one empty slide must
     not stop a cohort.
     """
+    from wsi_asmil.store import read_features  # zarr only where stores are read (not the GPU benchmark)
+
+    dtype = feature_dtype(device) if dtype is None else dtype
+    if dtype not in _NUMPY_DTYPES:
+        raise ValueError(f"features can be held as float16 or float32, not {dtype}")
     class_index = {c: i for i, c in enumerate(classes)}
     bags, skipped = [], []
     for slide_id in slide_ids:
@@ -225,6 +253,10 @@ def load_bags(
                 f"slide {slide_id!r} has label {labels[slide_id]!r}, not one of {list(classes)}"
             )
         features, _, _ = read_features(Path(features_dir) / f"{slide_id}.zarr")
+        with np.errstate(over="ignore"):  # an overflow is not exact: that bag stays float32
+            held = features.astype(_NUMPY_DTYPES[dtype], copy=False)  # converted on the host
+        if np.array_equal(held, features):  # exact (always, for stores written by store.py)
+            features = held
         if features.shape[0] == 0:
             logger.warning("slide %s has no tiles (M = 0): skipped", slide_id)
             skipped.append(slide_id)
@@ -246,13 +278,14 @@ def load_fold(
     split: str | os.PathLike[str] | Mapping[str, Any],
     fold: int,
     device: torch.device,
+    dtype: torch.dtype | None = None,
 ) -> FoldData:
     """All bags of one fold in memory on ``device`` (features are small; no per-epoch I/O)."""
     classes, labels, parts = load_split(split, fold)
     bags: dict[str, list[Bag]] = {}
     skipped: list[str] = []
     for part, ids in parts.items():
-        bags[part], part_skipped = load_bags(features_dir, ids, labels, classes, device)
+        bags[part], part_skipped = load_bags(features_dir, ids, labels, classes, device, dtype)
         skipped += [s for s in part_skipped if s not in skipped]
     if not bags["train"]:
         raise ValueError(f"fold {fold} has no non-empty training slide")
@@ -340,19 +373,47 @@ def build_trainer(
     )
 
 
-def train_one_epoch(trainer: Trainer, bags: Sequence[Bag], desc: str = "train") -> dict[str, float]:
-    """One pass over ``bags`` in a seeded random order, one bag per optimizer step."""
+LOSS_KEYS = ("loss", "ce", "as", "aux")
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without stalling the host: pinned and asynchronous on CUDA.
+
+    A plain ``.to("cuda")`` from pageable memory waits for the GPU to finish everything queued.
+    The pinned block is recycled only after the copy completes (PyTorch records the copy's event).
+    """
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def train_one_epoch(
+    trainer: Trainer,
+    bags: Sequence[Bag],
+    desc: str = "train",
+    step_losses: list[float] | None = None,
+) -> dict[str, float]:
+    """One pass over ``bags`` in a seeded random order, one bag per optimizer step.
+
+    Returns the epoch's mean of each loss term. The per-step values stay on the device and reach
+    the host once, at the end of the epoch, so on a GPU the host never waits inside a step and
+    queues the next steps while the current one runs. They are summed on the host in step order in
+    double precision, as ``float()`` per step did, so the means are bit for bit what they were.
+    ``step_losses``, when given, receives each step's total loss.
+    """
     t = trainer
     t.model.train()
-    totals = {"loss": 0.0, "ce": 0.0, "as": 0.0, "aux": 0.0}
     max_tiles = t.params["max_tiles"]
+    per_step: list[torch.Tensor] = []
     for i in tqdm(t.rng.permutation(len(bags)), desc=desc, leave=False, disable=None):
         bag = bags[i]
         x = bag.features
         if max_tiles and x.shape[0] > max_tiles:
+            # Drawn on the host from the trainer's numpy generator (reproducible on every device).
             subset = np.sort(t.rng.choice(x.shape[0], size=max_tiles, replace=False))
-            x = x[torch.from_numpy(subset).to(x.device)]
+            x = x.index_select(0, to_device(torch.from_numpy(subset), x.device))
         with oom_guard("training on", bag.slide_id, int(x.shape[0]), x.device, _train_advice(max_tiles)):
+            x = x.float()  # float16-held features (feature_dtype) upcast on the device; float32: no-op
             with t.autocast():
                 out = t.model(x)
                 anchor_logits = t.anchor.attention_logits(x) if t.anchor is not None else None
@@ -367,8 +428,14 @@ def train_one_epoch(trainer: Trainer, bags: Sequence[Bag], desc: str = "train") 
         t.scheduler.step()
         if t.anchor is not None:
             t.anchor.update(t.model)
-        for key in totals:
-            totals[key] += float(losses[key].detach())
+        per_step.append(torch.stack([losses[key].detach().float() for key in LOSS_KEYS]))
+    rows = torch.stack(per_step).cpu().tolist() if per_step else []  # the epoch's one host sync
+    totals = dict.fromkeys(LOSS_KEYS, 0.0)
+    for row in rows:
+        for key, value in zip(LOSS_KEYS, row):
+            totals[key] += value
+    if step_losses is not None:
+        step_losses.extend(row[0] for row in rows)
     return {key: value / len(bags) for key, value in totals.items()}
 
 
@@ -397,21 +464,28 @@ def evaluate(
     device that would make losses of different anchor settings incomparable.
     """
     model.eval()
-    probs, losses, attention = [], [], {}
+    losses, probs, weights = [], [], []
     for bag in bags:
         with oom_guard("evaluating", bag.slide_id, int(bag.features.shape[0]), bag.features.device, _EVAL_ADVICE):
             with autocast():
-                out = model(bag.features)
+                out = model(bag.features.float())
         logits = out["logits"].float()
-        losses.append(float(F.cross_entropy(logits[None], bag.target[None])))
-        probs.append(torch.softmax(logits, dim=-1).cpu().numpy())
-        weights = torch.softmax(out["attn_logits"].float(), dim=-1).mean(dim=(0, 1))
-        attention[bag.slide_id] = weights.cpu().numpy()
+        losses.append(F.cross_entropy(logits[None], bag.target[None]))
+        probs.append(torch.softmax(logits, dim=-1))
+        weights.append(torch.softmax(out["attn_logits"].float(), dim=-1).mean(dim=(0, 1)))
+    attention: dict[str, np.ndarray] = {}
+    loss, probs_h = math.nan, np.zeros((0, n_classes))
+    if bags:  # results reach the host once per evaluation, not three times per slide
+        loss = float(np.mean(torch.stack(losses).cpu().numpy().astype(np.float64)))
+        probs_h = torch.stack(probs).cpu().numpy()
+        sizes = [int(w.shape[0]) for w in weights]
+        for bag, w in zip(bags, torch.cat(weights).cpu().split(sizes)):
+            attention[bag.slide_id] = w.numpy()
     return EvalResult(
         slide_ids=[b.slide_id for b in bags],
         labels=np.array([b.label for b in bags], dtype=np.int64),
-        probs=np.stack(probs) if probs else np.zeros((0, n_classes)),
-        loss=float(np.mean(losses)) if losses else math.nan,
+        probs=probs_h,
+        loss=loss,
         attention=attention,
     )
 
