@@ -82,6 +82,13 @@ DEFAULT_PARAMS: dict[str, Any] = {
             "diversity_weight": 1.0,  # weight of the branch-attention cosine diversity term
         },
         "abmil_anchor": {**_ABMIL_DEFAULTS, **_ANCHOR_DEFAULTS},
+        "transmil": {
+            "dim": 512,  # width after the Linear + ReLU projection and in both Transformer layers
+            "n_heads": 8,  # heads of each Nystrom self-attention
+            "n_landmarks": None,  # Nystrom landmarks; null = dim // 2 (256)
+            "pinv_iterations": 6,  # Moore-Penrose iterations for the landmark pseudo-inverse
+            "dropout": 0.1,  # dropout after each attention output projection
+        },
     },
 }
 

@@ -1,4 +1,4 @@
-"""MIL models (ASMIL, ABMIL, ABMIL + anchor), their anchor, NSF and loss, and the model registry."""
+"""MIL models (ASMIL, ABMIL, ABMIL + anchor, ACMIL, TransMIL), anchor, NSF, loss and the model registry."""
 
 from wsi_asmil.models.abmil import ABMIL
 from wsi_asmil.models.asmil import ASMIL, select_tokens
@@ -8,6 +8,7 @@ from wsi_asmil.models.ema import ANCHOR_MODES, Anchor
 from wsi_asmil.models.loss import AS_REDUCTIONS, MILLoss, stabilization_loss
 from wsi_asmil.models.nsf import nsf
 from wsi_asmil.models.registry import MODELS, build_model, load_model, model_spec, save_checkpoint
+from wsi_asmil.models.transmil import TransMIL
 
 __all__ = [
     "ABMIL",
@@ -19,6 +20,7 @@ __all__ = [
     "MODELS",
     "Anchor",
     "MultiHeadCrossAttention",
+    "TransMIL",
     "build_model",
     "load_model",
     "model_spec",

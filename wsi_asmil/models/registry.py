@@ -13,6 +13,7 @@ from wsi_asmil.models.abmil import ABMIL
 from wsi_asmil.models.acmil import ACMIL
 from wsi_asmil.models.asmil import ASMIL
 from wsi_asmil.models.base import MILModel
+from wsi_asmil.models.transmil import TransMIL
 from wsi_asmil.io import atomic_path
 
 
@@ -30,6 +31,7 @@ MODELS: dict[str, ModelSpec] = {
     "abmil": ModelSpec(ABMIL, anchored=False),
     # The "Anchor + NSF" plug-in (spec section 8): same network as ABMIL, trained with the anchor.
     "abmil_anchor": ModelSpec(ABMIL, anchored=True),
+    "transmil": ModelSpec(TransMIL, anchored=False),
 }
 
 
