@@ -393,3 +393,63 @@ def test_slide_without_tiles_draws_the_bare_thumbnail(real_slide: Path, tmp_path
         thumb, _ = s.thumbnail_at_mpp(16.0)
     assert np.array_equal(cv2.cvtColor(cv2.imread(str(tmp_path / "e.png")), cv2.COLOR_BGR2RGB), thumb)
     assert read_tile_geojson(tmp_path / "e.geojson")[0].shape == (0, 2)
+
+
+# --- out of memory ---------------------------------------------------------------------------------
+
+
+def _raise(exc: BaseException):  # type: ignore[no-untyped-def]
+    def fail(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise exc
+
+    return fail
+
+
+def test_out_of_memory_while_drawing_names_slide_and_settings_and_leaves_nothing(
+    real_slide: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from wsi_asmil import heatmap
+    from wsi_asmil.heatmap import HeatmapMemoryError
+
+    csv, coords, _ = fake_scores(tmp_path, real_slide, 128.0)
+    out = tmp_path / "out"
+    outputs = {"out_geojson": out / "s.geojson", "out_gallery": out / "s_topk.jpg", "style": Style(clip_to_tissue=False)}
+    # The gallery comes after the PNG is in place: the PNG must go too.
+    monkeypatch.setattr(heatmap, "topk_gallery", _raise(MemoryError()))
+    with pytest.raises(HeatmapMemoryError) as err:
+        draw_slide(real_slide, csv, out / "s.png", mpp=16.0, **outputs)
+    message = str(err.value)
+    assert f"drawing the heatmap of slide 's', {len(coords)} tiles, an overlay of" in message
+    assert "heatmap.mpp (now 16)" in message and "heatmap.max_edge (now null" in message
+    assert "tiff_mpp" not in message
+    assert list(out.iterdir()) == []
+    monkeypatch.undo()
+    # OpenCV's own allocation failure, in the pyramidal TIFF, names the TIFF's setting.
+    import wsi_asmil.overlay_tiff
+
+    monkeypatch.setattr(wsi_asmil.overlay_tiff, "write_overlay_tiff", _raise(
+        cv2.error("OpenCV(4.10.0) error: (-4:Insufficient memory) Failed to allocate 8589934592 bytes in function 'OutOfMemoryError'")))
+    with pytest.raises(HeatmapMemoryError, match=r"heatmap.tiff_mpp \(now 2\)"):
+        draw_slide(real_slide, csv, out / "s.png", out_tiff=out / "s.tif", tiff_mpp=2.0, mpp=16.0, max_edge=500, **outputs)
+    assert list(out.iterdir()) == []
+
+
+def test_drawing_errors_pass_through_and_the_cli_is_clean(
+    real_slide: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    from wsi_asmil import heatmap
+
+    csv, _, _ = fake_scores(tmp_path, real_slide, 128.0)
+    out = tmp_path / "out"
+    args = ["--slide", str(real_slide), "--scores", str(csv), "--out", str(out / "s.png"), "--gallery",
+            str(out / "s_topk.jpg"), "--no-clip-to-tissue", "--mpp", "16"]
+    monkeypatch.setattr(heatmap, "topk_gallery", _raise(ValueError("a real bug")))
+    with pytest.raises(ValueError, match="a real bug"):
+        heatmap_main(args)
+    assert list(out.iterdir()) == []  # not an out-of-memory error, but still no half set of outputs
+    monkeypatch.setattr(heatmap, "render", _raise(MemoryError()))
+    with pytest.raises(SystemExit) as err:
+        heatmap_main(args)
+    log = capsys.readouterr().err
+    assert err.value.code == 1 and "slide 's'" in log and "heatmap.mpp" in log and "Traceback" not in log
+    assert list(out.iterdir()) == []

@@ -26,11 +26,17 @@ Normalisation for display (the same for every model, so comparisons are fair):
     clipped, with R = ``uniform_range``. Mid-colour is uniform attention, the top of the scale R
     times uniform or more; comparable across slides and models, so flat and peaked attention look
     different.
+
+A slide's outputs are one result: if drawing fails, the outputs this call already wrote are removed.
+Out of memory (host memory: the canvas, the thumbnail, the TIFF's windows) becomes
+:class:`HeatmapMemoryError`, naming the slide, its tiles, the overlay's size and the settings that
+shrink it, as training's and feature extraction's out-of-memory errors do.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import math
@@ -51,6 +57,38 @@ from wsi_asmil.tile_geojson import OBJECT_TYPES, write_tile_geojson
 log = logging.getLogger(__name__)
 
 NORMALIZE_MODES = ("rank", "uniform")
+
+
+class HeatmapMemoryError(RuntimeError):
+    """Drawing a slide's heatmap does not fit in host memory; the message says what to change."""
+
+
+def is_host_out_of_memory(exc: BaseException) -> bool:
+    """A host allocation failure in any form drawing meets it (NumPy, OpenCV, the OS).
+
+    ``wsi_asmil.memory.is_out_of_memory`` also knows these, but it imports torch, which this
+    module never loads.
+    """
+    if isinstance(exc, MemoryError):
+        return True
+    if isinstance(exc, OSError) and exc.errno == errno.ENOMEM:
+        return True
+    text = str(exc).lower()
+    if isinstance(exc, cv2.error):
+        return "insufficient memory" in text or "failed to allocate" in text
+    return isinstance(exc, RuntimeError) and (
+        "out of memory" in text or "can't allocate memory" in text or "cannot allocate memory" in text
+    )
+
+
+def _memory_advice(mpp: float, out_mpp: float | None, max_edge: int | None, tiff_mpp: float | None) -> str:
+    at = f"at {out_mpp:.3g} um/px" if out_mpp is not None else f"at heatmap.mpp {mpp:g} um/px or coarser"
+    tiff = f"; the pyramidal TIFF's: raise heatmap.tiff_mpp (now {tiff_mpp:g}) or set it to null" if tiff_mpp else ""
+    return (
+        f"The overlay's memory follows its size {at}, not the slide's: raise heatmap.mpp (now {mpp:g}) or "
+        f"set heatmap.max_edge (now {max_edge if max_edge else 'null'}; for example 8000){tiff}; or run fewer "
+        "jobs at once (snakemake --cores, or more mem_mb per job on a cluster)"
+    )
 
 
 @dataclass(frozen=True)
@@ -228,28 +266,53 @@ def draw_slide(
     mpp_override: float | None = None,
     mpp_fallback: float | None = None,
 ) -> dict[str, Any]:
-    """Every output of one slide's heatmap; returns a small summary for the log."""
-    coords, scores, meta = load_scores(scores_csv, scores_json)
-    extent = float(meta.get("tile_extent") or 0.0)
-    values = normalize(scores, style.normalize, style.uniform_range)
-    tissue, tissue_ds = read_tissue(tissue_mask, tissue_meta) if style.clip_to_tissue else (None, None)
-    with Slide(slide_path, mpp_override, mpp_fallback) as slide:
-        w0, h0 = slide.dimensions
-        out_mpp = output_mpp((w0 * slide.mpp, h0 * slide.mpp), mpp, max_edge)
-        thumb, ds = slide.thumbnail_at_mpp(out_mpp)
-        image = render(thumb, ds, coords, extent, values, style.cmap, style.alpha, tissue=tissue,
-                       tissue_downsample=tissue_ds, blur_px=style.blur_um / (ds * slide.mpp))
-        write_image(out_image, image)
-        if out_gallery is not None:
-            target = float(meta.get("target_mpp") or slide.mpp)
-            size = int(meta.get("tile_size") or max(1, round(extent)))
-            write_image(out_gallery, topk_gallery(slide, coords, scores, top_k, target, size))
-        if out_tiff is not None:
-            from wsi_asmil.overlay_tiff import write_overlay_tiff
+    """Every output of one slide's heatmap; returns a small summary for the log.
 
-            write_overlay_tiff(out_tiff, slide, coords, extent, values, style, tiff_mpp or out_mpp, tissue, tissue_ds)
-    if out_geojson is not None:
-        write_tile_geojson(out_geojson, coords, extent, measurements(scores), object_type)
+    On any failure the outputs already written by this call are removed; out of memory raises
+    :class:`HeatmapMemoryError` (see the module docstring).
+    """
+    coords, scores, meta = load_scores(scores_csv, scores_json)
+    written: list[Path] = []  # outputs in place, removed if a later step fails
+    overlay: dict[str, Any] = {}  # the overlay's size once known, for an out-of-memory message
+    try:
+        extent = float(meta.get("tile_extent") or 0.0)
+        values = normalize(scores, style.normalize, style.uniform_range)
+        tissue, tissue_ds = read_tissue(tissue_mask, tissue_meta) if style.clip_to_tissue else (None, None)
+        with Slide(slide_path, mpp_override, mpp_fallback) as slide:
+            w0, h0 = slide.dimensions
+            out_mpp = output_mpp((w0 * slide.mpp, h0 * slide.mpp), mpp, max_edge)
+            overlay.update(mpp=out_mpp, width=round(w0 * slide.mpp / out_mpp), height=round(h0 * slide.mpp / out_mpp))
+            thumb, ds = slide.thumbnail_at_mpp(out_mpp)
+            image = render(thumb, ds, coords, extent, values, style.cmap, style.alpha, tissue=tissue,
+                           tissue_downsample=tissue_ds, blur_px=style.blur_um / (ds * slide.mpp))
+            write_image(out_image, image)
+            written.append(Path(out_image))
+            if out_gallery is not None:
+                target = float(meta.get("target_mpp") or slide.mpp)
+                size = int(meta.get("tile_size") or max(1, round(extent)))
+                write_image(out_gallery, topk_gallery(slide, coords, scores, top_k, target, size))
+                written.append(Path(out_gallery))
+            if out_tiff is not None:
+                from wsi_asmil.overlay_tiff import write_overlay_tiff
+
+                write_overlay_tiff(out_tiff, slide, coords, extent, values, style, tiff_mpp or out_mpp, tissue, tissue_ds)
+                written.append(Path(out_tiff))
+        if out_geojson is not None:
+            write_tile_geojson(out_geojson, coords, extent, measurements(scores), object_type)
+            written.append(Path(out_geojson))
+    except BaseException as exc:
+        for path in written:
+            path.unlink(missing_ok=True)
+        if not isinstance(exc, Exception) or not is_host_out_of_memory(exc):
+            raise
+        sid = meta.get("slide_id") or Path(scores_csv).name.removesuffix("_scores.csv")
+        size = f", an overlay of {overlay['width']}x{overlay['height']} px" if overlay else ""
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        tiff = (tiff_mpp or overlay.get("mpp")) if out_tiff is not None else None
+        raise HeatmapMemoryError(
+            f"out of memory on the host drawing the heatmap of slide '{sid}', {len(scores)} tiles{size} "
+            f"({exc.__class__.__name__}: {first}). {_memory_advice(mpp, overlay.get('mpp'), max_edge, tiff)}"
+        ) from exc
     if len(scores) == 0:
         log.warning("slide '%s': no tiles, the heatmap is the bare thumbnail", meta.get("slide_id"))
     log.info("slide '%s' (%s): %d tiles, overlay %dx%d px at %.3g um/px",
@@ -292,13 +355,17 @@ def main(argv: list[str] | None = None) -> None:
     if not (args.scores and args.out):
         p.error("--slide needs --scores and --out")
     style = Style(args.normalize, args.cmap, args.alpha, args.blur_um, args.clip_to_tissue, args.uniform_range)
-    draw_slide(
-        args.slide, args.scores, args.out, out_geojson=args.geojson, out_gallery=args.gallery,
-        out_tiff=args.tiff, style=style, mpp=args.mpp,
-        max_edge=int(args.max_edge) if args.max_edge else None, tissue_mask=args.tissue_mask,
-        top_k=args.top_k, object_type=args.geojson_object, tiff_mpp=args.tiff_mpp,
-        mpp_override=args.slide_mpp, mpp_fallback=args.mpp_fallback,
-    )
+    try:
+        draw_slide(
+            args.slide, args.scores, args.out, out_geojson=args.geojson, out_gallery=args.gallery,
+            out_tiff=args.tiff, style=style, mpp=args.mpp,
+            max_edge=int(args.max_edge) if args.max_edge else None, tissue_mask=args.tissue_mask,
+            top_k=args.top_k, object_type=args.geojson_object, tiff_mpp=args.tiff_mpp,
+            mpp_override=args.slide_mpp, mpp_fallback=args.mpp_fallback,
+        )
+    except HeatmapMemoryError as exc:  # the message says what to change; no traceback
+        log.error("%s", exc)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":
