@@ -119,3 +119,26 @@ def test_predictions_table_lists_every_new_slide(tmp_path: Path) -> None:
     assert list(pd.read_csv(tmp_path / "predictions.csv").columns[:8]) == [
         "slide_id", "path", "model", "status", "message", "n_tiles", "folds", "pred"]
     assert len(gather_predictions([tmp_path / "nothing"])) == 0
+
+
+def test_out_of_memory_predicting_a_new_slide_is_a_message_not_a_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The predict_attention rule's command (ensemble, no split) on a GPU that runs out of memory."""
+    from wsi_asmil.models.base import MILModel
+
+    models = tmp_path / "models" / "abmil"
+    write_models(models)
+    write_store(tmp_path / "new.zarr", 25, 0)
+
+    def oom(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 12.00 GiB")
+
+    monkeypatch.setattr(MILModel, "prepare", oom)
+    with pytest.raises(SystemExit) as err:
+        scoring_main(["--features", str(tmp_path / "new.zarr"), "--models-dir", str(models), "--model-name", "abmil",
+                      "--folds", "2", "--fold", "ensemble", "--device", "cpu", "--out-dir", str(tmp_path / "scores")])
+    log = capsys.readouterr().err
+    assert err.value.code == 1 and "Traceback" not in log
+    assert "scoring slide 'new', a bag of 25 tiles" in log and "heatmap.device" in log
+    assert not (tmp_path / "scores").exists() or list((tmp_path / "scores").iterdir()) == []

@@ -15,14 +15,27 @@ Outputs per slide, next to each other in ``out_dir``: ``<slide>_scores.csv`` (``
 top-left, ``score``; with several models also ``score_fold<k>``) and ``<slide>_scores.json``
 (folds used, class probabilities per fold and their mean, the prediction, and the tile geometry
 that drawing needs, so drawing never has to open the features store or load torch).
+
+Memory is bounded by a chunk of tiles, not by the slide. Every model here computes a tile's attention
+logits from that tile alone; only the softmax over tiles is global, and everything after it (the
+classifier, ASMIL's value projection and aggregator) sees the attention-pooled vectors, never the
+tiles. So features are read from the Zarr store ``chunk_tiles`` rows at a time, and per model and
+chunk only the logits (a few floats per tile, kept for the scores) and an online log-sum-exp with a
+rescaled running weighted sum (as in flash attention) survive. The result equals the whole-bag
+computation to float rounding (``tests/test_scoring.py``). A model type without such a split
+(:data:`CHUNKED`) is scored on the whole bag, as before.
+
+An out-of-memory error becomes a message naming the slide, its tile count, the device and the
+settings to change (``wsi_asmil.train.oom_guard``), and the slide gets no outputs.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,16 +43,25 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 
 from wsi_asmil import store
 from wsi_asmil.cli import setup_logging
 from wsi_asmil.io import write_csv, write_json
+from wsi_asmil.memory import is_out_of_memory
+from wsi_asmil.models.abmil import ABMIL
+from wsi_asmil.models.acmil import ACMIL
+from wsi_asmil.models.asmil import ASMIL
+from wsi_asmil.models.attention import MultiHeadCrossAttention
 from wsi_asmil.models.base import MILModel
 from wsi_asmil.models.registry import load_model
 
 log = logging.getLogger(__name__)
 
 FOLD_MODES = ("test", "ensemble")
+
+#: Tiles read and scored at a time: one Zarr row chunk, 8 MiB of float32 features at D = 512.
+DEFAULT_CHUNK_TILES = store.ROWS_PER_CHUNK
 
 
 def parse_fold_mode(text: str | int) -> str | int:
@@ -90,6 +112,10 @@ class FoldModels:
     def path(self, fold: int) -> Path:
         return self.models_dir / f"fold{fold}" / "model.pt"
 
+    def loaded(self, fold: int) -> MILModel | None:
+        """Fold ``fold``'s model if it is loaded already (never loads it)."""
+        return self._cache[fold][0] if fold in self._cache else None
+
     def get(self, fold: int) -> tuple[MILModel, dict[str, Any]]:
         if fold not in self._cache:
             p = self.path(fold)
@@ -118,25 +144,213 @@ class SlideScores:
         return self.probs_per_fold.mean(axis=0)
 
 
+# --- chunked scoring ------------------------------------------------------------------------------
+
+
+class SoftmaxPool:
+    """``sum_i softmax(l)_i v_i`` over tiles that arrive in chunks, for R rows of logits at once.
+
+    An online log-sum-exp: a running maximum ``m``, a running sum ``s = sum_i exp(l_i - m)`` and a
+    running weighted sum ``a = sum_i exp(l_i - m) v_i``, both rescaled by ``exp(m_old - m_new)``
+    when a chunk raises the maximum, so nothing overflows however sharp the attention. At the end
+    ``a / s`` is the softmax-pooled vector and ``m + log s`` the normaliser that turns each kept
+    logit into its softmax weight. The logits (R floats per tile) are kept on the host for the
+    per-tile scores; the tiles' values are not.
+    """
+
+    def __init__(self) -> None:
+        self.max: torch.Tensor | None = None
+        self.sum: torch.Tensor | None = None
+        self.acc: torch.Tensor | None = None
+        self.logits: list[torch.Tensor] = []
+
+    def add(self, logits: torch.Tensor, values: torch.Tensor) -> None:
+        """One chunk: ``logits`` (R, c) and the tiles' values (c, D)."""
+        logits = logits.float()
+        new_max = logits.amax(dim=-1)
+        if self.max is not None:
+            new_max = torch.maximum(self.max, new_max)
+        e = torch.exp(logits - new_max[:, None])
+        part_sum, part_acc = e.sum(dim=-1), e @ values.float()
+        if self.max is None:
+            self.sum, self.acc = part_sum, part_acc
+        else:
+            scale = torch.exp(self.max - new_max)
+            self.sum = self.sum * scale + part_sum
+            self.acc = self.acc * scale[:, None] + part_acc
+        self.max = new_max
+        self.logits.append(logits.cpu())
+
+    def pooled(self) -> torch.Tensor:
+        """The softmax-pooled values (R, D)."""
+        if self.acc is None or self.sum is None:
+            raise ValueError("empty bag: no tiles were added")
+        return self.acc / self.sum[:, None]
+
+    def weights_mean(self) -> torch.Tensor:
+        """Each tile's softmax weight averaged over the R rows (M,), on the host."""
+        if self.max is None or self.sum is None:
+            raise ValueError("empty bag: no tiles were added")
+        lse = (self.max + torch.log(self.sum)).cpu()[:, None]
+        return torch.cat([torch.exp(chunk - lse).mean(dim=0) for chunk in self.logits])
+
+
+@dataclass(frozen=True)
+class Chunked:
+    """A model type split at its softmax over tiles (eval mode).
+
+    ``tiles(model, chunk)`` gives the chunk's attention logits (R, c) and the values pooled with
+    them (c, D); ``head(model, pooled)`` maps the softmax-pooled values (R, D) to the slide's class
+    logits (C,). The R rows are the model's heads x queries, in ``attention_logits`` order.
+    """
+
+    tiles: Callable[[Any, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    head: Callable[[Any, torch.Tensor], torch.Tensor]
+
+
+def _abmil_tiles(model: ABMIL, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    h = model.prepare(x)
+    return model._gated_logits(h)[0], h
+
+
+def _abmil_head(model: ABMIL, pooled: torch.Tensor) -> torch.Tensor:
+    return model.classifier(model.dropout(pooled[0]))
+
+
+def _acmil_tiles(model: ACMIL, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    h = model.reduce(model.prepare(x))
+    return model._logits(h), h
+
+
+def _acmil_head(model: ACMIL, pooled: torch.Tensor) -> torch.Tensor:
+    # The slide pools with the branches' mean attention: the mean of the branches' pooled vectors.
+    return model.classifier(pooled.mean(dim=0))
+
+
+def _asmil_tiles(model: ASMIL, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    h = model.reduce(model.prepare(x))
+    return model.token_attention.attention_logits(model.tokens, h).flatten(0, 1), h
+
+
+def cross_attention_output(att: MultiHeadCrossAttention, pooled: torch.Tensor) -> torch.Tensor:
+    """``MultiHeadCrossAttention.forward``'s output from the softmax-pooled inputs (Q, H, D) on."""
+    n_q, h, dh = pooled.shape[0], att.n_heads, att.head_dim
+    v_weight = att._per_query(att.v_weight, n_q).view(n_q, h, dh, att.dim)
+    v_bias = att._per_query(att.v_bias, n_q).view(n_q, h, dh)
+    values = (torch.einsum("qhd,qhed->qhe", pooled, v_weight) + v_bias).reshape(n_q, att.dim)
+    out = att.dropout(att._linear("o", values))
+    out = F.layer_norm(out, (att.dim,), eps=att.eps)
+    return out * att._per_query(att.norm_weight, n_q) + att._per_query(att.norm_bias, n_q)
+
+
+def _asmil_head(model: ASMIL, pooled: torch.Tensor) -> torch.Tensor:
+    att = model.token_attention
+    per_query = pooled.view(att.n_heads, model.n_tokens, -1).transpose(0, 1)  # (N, H, D)
+    cls = model.cls_token
+    tokens = cross_attention_output(att, per_query)
+    for layer in model.aggregator:  # the CLS token attends over the N token vectors, not the tiles
+        cls, _ = layer(cls, tokens)
+    return model.classifier(cls[0])
+
+
+#: Model classes with a chunked scoring path (exact types: a subclass may change ``forward``).
+CHUNKED: dict[type, Chunked] = {
+    ABMIL: Chunked(_abmil_tiles, _abmil_head),
+    ACMIL: Chunked(_acmil_tiles, _acmil_head),
+    ASMIL: Chunked(_asmil_tiles, _asmil_head),
+}
+
+
+class ModelScorer:
+    """One model's attention scores and class probabilities over a bag fed in row chunks.
+
+    Equal to ``model.attention_scores(bag)`` and ``softmax(model(bag)["logits"])`` on the whole
+    bag, in eval mode. Models without a :data:`CHUNKED` entry gather the chunks and run whole.
+    """
+
+    def __init__(self, model: MILModel) -> None:
+        self.model = model
+        self.spec = CHUNKED.get(type(model))
+        self.pool = SoftmaxPool()
+        self.whole: list[torch.Tensor] = []
+
+    @property
+    def chunked(self) -> bool:
+        return self.spec is not None
+
+    @torch.no_grad()
+    def add(self, chunk: torch.Tensor) -> None:
+        if self.spec is None:
+            self.whole.append(chunk)
+            return
+        with _eval(self.model):
+            logits, values = self.spec.tiles(self.model, chunk)
+            self.pool.add(logits, values)
+
+    @torch.no_grad()
+    def finish(self) -> tuple[np.ndarray, np.ndarray]:
+        """(scores (M,), probabilities (C,)) as float64."""
+        with _eval(self.model):
+            if self.spec is None:
+                bag = torch.cat(self.whole)
+                self.whole = []
+                scores = self.model.attention_scores(bag)
+                logits = self.model(bag)["logits"]
+            else:
+                scores = self.pool.weights_mean()
+                logits = self.spec.head(self.model, self.pool.pooled())
+        probs = torch.softmax(logits.float(), dim=-1)
+        return scores.float().cpu().numpy().astype(np.float64), probs.cpu().numpy().astype(np.float64)
+
+
+@contextlib.contextmanager
+def _eval(model: MILModel) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def iter_chunks(features: Any, chunk_tiles: int, device: torch.device) -> Iterator[torch.Tensor]:
+    """Float32 row chunks of ``features`` (an array or a lazy Zarr array) on ``device``."""
+    if chunk_tiles < 1:
+        raise ValueError(f"chunk_tiles must be >= 1, got {chunk_tiles}")
+    for start in range(0, features.shape[0], chunk_tiles):
+        rows = np.ascontiguousarray(features[start : start + chunk_tiles], dtype=np.float32)
+        yield torch.from_numpy(rows).to(device)
+
+
 @torch.no_grad()
-def score_bag(features: np.ndarray, folds: Sequence[int], models: FoldModels) -> SlideScores:
-    """Score one bag (M, D) with each fold model; an empty bag gets no scores and no probabilities."""
+def score_bag(
+    features: Any, folds: Sequence[int], models: FoldModels, chunk_tiles: int = DEFAULT_CHUNK_TILES,
+) -> SlideScores:
+    """Score one bag (M, D) with each fold model; an empty bag gets no scores and no probabilities.
+
+    ``features`` is anything sliced by rows (a NumPy array or ``store.lazy_features``): it is read
+    once, ``chunk_tiles`` rows at a time, and every fold model takes each chunk in turn.
+    """
     classes: list[str] = []
-    per_fold, probs = [], []
-    if len(features) == 0:
-        for k in folds:
-            classes = list(models.get(k)[1]["classes"])
-        n = len(folds)
-        return SlideScores(list(folds), classes, np.zeros((n, 0)), np.full((n, len(classes)), np.nan))
-    bag = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)).to(models.device)
+    scorers = []
     for k in folds:
         model, ckpt = models.get(k)
         if classes and list(ckpt["classes"]) != classes:
             raise ValueError(f"fold {k} has classes {ckpt['classes']}, other folds {classes}")
         classes = list(ckpt["classes"])
-        per_fold.append(model.attention_scores(bag).float().cpu().numpy())
-        probs.append(torch.softmax(model(bag)["logits"].float(), dim=-1).cpu().numpy())
-    return SlideScores(list(folds), classes, np.stack(per_fold).astype(np.float64), np.stack(probs).astype(np.float64))
+        scorers.append(ModelScorer(model))
+    n, n_tiles = len(folds), features.shape[0]
+    if n_tiles == 0:
+        return SlideScores(list(folds), classes, np.zeros((n, 0)), np.full((n, len(classes)), np.nan))
+    for scorer in scorers:
+        if not scorer.chunked:
+            log.warning("model %s has no chunked scoring: its whole bag of %d tiles is held at once",
+                        type(scorer.model).__name__, n_tiles)
+    for chunk in iter_chunks(features, chunk_tiles, models.device):
+        for scorer in scorers:
+            scorer.add(chunk)
+    per_fold, probs = zip(*(scorer.finish() for scorer in scorers))
+    return SlideScores(list(folds), classes, np.stack(per_fold), np.stack(probs))
 
 
 def store_slide_id(path: str | Path) -> str:
@@ -154,12 +368,15 @@ def write_slide_scores(
     out_dir: Path, slide_id: str, model_name: str, fold_mode: str | int, coords: np.ndarray,
     result: SlideScores, attrs: dict[str, Any],
 ) -> dict[str, Any]:
-    """``<slide>_scores.csv`` and ``<slide>_scores.json``; returns the JSON record."""
+    """``<slide>_scores.csv`` and ``<slide>_scores.json``; returns the JSON record.
+
+    The two are one result: if either cannot be written, neither is left (not even an older one,
+    which would no longer match its partner).
+    """
     table = pd.DataFrame({"x": coords[:, 0], "y": coords[:, 1], "score": result.scores})
     if len(result.folds) > 1:
         for k, row in zip(result.folds, result.per_fold):
             table[f"score_fold{k}"] = row
-    write_csv(out_dir / f"{slide_id}_scores.csv", table)
     has_probs = len(coords) > 0
     mean = result.probs if has_probs else None
     record: dict[str, Any] = {
@@ -179,8 +396,20 @@ def write_slide_scores(
         "agreement": float(np.mean(result.probs_per_fold.argmax(axis=1) == int(np.argmax(mean)))) if has_probs else None,
         **_geometry(attrs),
     }
-    write_json(out_dir / f"{slide_id}_scores.json", record)
+    paths = scores_paths(out_dir, slide_id)
+    try:
+        write_csv(paths[0], table)
+        write_json(paths[1], record)
+    except BaseException:
+        for path in paths:
+            path.unlink(missing_ok=True)
+        raise
     return record
+
+
+def scores_paths(out_dir: str | Path, slide_id: str) -> tuple[Path, Path]:
+    """The CSV and JSON a slide's scores are written to."""
+    return Path(out_dir) / f"{slide_id}_scores.csv", Path(out_dir) / f"{slide_id}_scores.json"
 
 
 def score_slides(
@@ -192,12 +421,17 @@ def score_slides(
     split_json: str | Path | None = None,
     device: str = "auto",
     model_name: str | None = None,
+    chunk_tiles: int = DEFAULT_CHUNK_TILES,
 ) -> list[dict[str, Any]]:
     """Score every slide's features store; writes the per-slide CSV and JSON and returns the records.
 
-    Fold models are loaded once for the whole list, and features are read one slide at a time, so
-    memory is one slide's bag plus the models whatever the cohort size.
+    Fold models are loaded once for the whole list, and each slide's features are read
+    ``chunk_tiles`` rows at a time, so memory is the models, one chunk and a few numbers per tile,
+    whatever the slide's size and the cohort's. Out of memory raises
+    ``wsi_asmil.train.BagMemoryError`` naming the slide and what to change; that slide has no outputs.
     """
+    if chunk_tiles < 1:
+        raise ValueError(f"chunk_tiles must be >= 1, got {chunk_tiles}")
     split = json.loads(Path(split_json).read_text()) if split_json else None
     dev = resolve_device(device)
     models = FoldModels(models_dir, dev)
@@ -206,15 +440,65 @@ def score_slides(
     records = []
     for path in features_stores:
         sid = store_slide_id(path)
-        feats, coords, attrs = store.read_features(path)
+        feats = store.lazy_features(path)
+        group = store.open_store(path)
+        coords, attrs = group["coords"][:], dict(group.attrs)
         folds = choose_folds(fold_mode, sid, n_folds, split)
-        result = score_bag(feats, folds, models)
-        if len(feats) == 0:
-            log.warning("slide '%s': no tiles, so no attention and no prediction", sid)
-        record = write_slide_scores(out, sid, model_name, fold_mode, coords, result, attrs)
+        def advice(folds: list[int] = folds) -> str:  # at error time: which models had loaded
+            whole = any(type(m) not in CHUNKED for m in map(models.loaded, folds) if m is not None)
+            return scoring_advice(dev, chunk_tiles, whole)
+
+        with oom_guard("scoring", sid, len(coords), dev, advice):
+            result = score_bag(feats, folds, models, chunk_tiles)
+            if len(coords) == 0:
+                log.warning("slide '%s': no tiles, so no attention and no prediction", sid)
+            record = write_slide_scores(out, sid, model_name, fold_mode, coords, result, attrs)
         log.info("slide '%s': %d tiles, folds %s, probabilities %s", sid, len(coords), folds, record["probs"])
         records.append(record)
     return records
+
+
+# --- out of memory -----------------------------------------------------------------------------------
+
+
+def scoring_advice(device: torch.device, chunk_tiles: int, whole: bool = False) -> str:
+    """What to change when scoring runs out of memory on ``device`` (the config key first).
+
+    ``whole``: a fold model has no chunked path (:data:`CHUNKED`), so its whole bag is held.
+    """
+    if whole:
+        held, chunk = "a model that scores the whole bag at once (no chunked path)", ""
+    else:
+        held = f"{chunk_tiles} tiles at a time"
+        chunk = f", or lower --chunk-tiles of python -m wsi_asmil.scoring (now {chunk_tiles})"
+    if device.type == "cuda":
+        return (
+            f"Scoring holds the fold models and {held} on the GPU: set heatmap.device: cpu (host memory is "
+            f"usually larger), or free the GPU (another process may hold it){chunk}"
+        )
+    return (
+        f"Scoring holds the fold models and {held} in host memory (heatmap.device: {device}): run fewer "
+        f"jobs at once (snakemake --cores, or more mem_mb per job on a cluster){chunk}"
+    )
+
+
+@contextlib.contextmanager
+def oom_guard(
+    what: str, slide_id: str, n_tiles: int, device: torch.device, advice: Callable[[], str],
+) -> Iterator[None]:
+    """``wsi_asmil.train.oom_guard``, imported only when an out-of-memory error needs its message:
+    importing ``wsi_asmil.train`` pulls in scikit-learn and SciPy (about 80 MB of resident memory)
+    that scoring would otherwise carry on every slide. ``advice`` is called then too, so it can
+    depend on what was loaded by the time memory ran out."""
+    try:
+        yield
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+        from wsi_asmil.train import oom_guard as train_oom_guard
+
+        with train_oom_guard(what, slide_id, n_tiles, device, advice()):
+            raise exc
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -228,10 +512,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--split", default=None, help="split JSON of the run (needed by --fold test)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--out-dir", required=True, help="folder for <slide>_scores.csv and .json")
+    p.add_argument("--chunk-tiles", type=int, default=DEFAULT_CHUNK_TILES,
+                   help="tiles read and scored at a time (memory, not results, depends on it)")
     args = p.parse_args(argv)
     setup_logging()
-    score_slides(args.features, args.models_dir, args.folds, args.out_dir, args.fold, args.split,
-                 args.device, args.model_name)
+    try:
+        score_slides(args.features, args.models_dir, args.folds, args.out_dir, args.fold, args.split,
+                     args.device, args.model_name, args.chunk_tiles)
+    except Exception as exc:
+        from wsi_asmil.train import BagMemoryError  # only on failure: see oom_guard
+
+        if not isinstance(exc, BagMemoryError):
+            raise
+        log.error("%s", exc)  # the message says what to change; no CUDA traceback
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":
