@@ -2,6 +2,7 @@
 
     python benchmarks/heatmap_speed.py --work /tmp/hmbench                 # writes the slide once (~5 min)
     python benchmarks/heatmap_speed.py --work /tmp/hmbench --overlap 0 0.5 --tiff-mpp 2
+    python benchmarks/heatmap_speed.py --work /tmp/hmbench --overlap 0 0.5 --score-only   # seconds
 
 Every step runs the real command line in its own process, the way the workflow runs it, and is
 measured: wall seconds from outside, and the process's own peak resident memory (VmHWM, read as it
@@ -9,9 +10,14 @@ exits). Steps, per tiling overlap:
 
 1. segmentation and tiling (once per overlap; they give the tile count, reported for context);
 2. ``wsi_asmil.scoring``: a randomly initialised ASMIL (512-d input, the default architecture)
-   scores random float16 features of every tile (the numbers are meaningless, the cost is real);
+   scores random float16 features of every tile (the numbers are meaningless, the cost is real),
+   ``--chunk-tiles`` tiles at a time (default: scoring's own);
 3. ``wsi_asmil.heatmap``: the overlay PNG at ``--mpp`` with the tissue clip, the QuPath GeoJSON of
    every tile and the top-8 gallery; with ``--tiff-mpp`` a second run adds the pyramidal TIFF.
+
+Steps whose outputs are already in ``--work`` are not redone (the slide, its mask, the tiles, the
+features and the model). ``--score-only`` measures scoring alone: it needs neither the mask nor the
+tiles once the features exist, so a rerun takes seconds.
 
 Results are printed as a Markdown table and written to ``<work>/heatmap_speed.json``.
 """
@@ -80,9 +86,9 @@ def fake_inputs(work: Path, tiles: Path, tag: str) -> tuple[Path, Path, int]:
     from wsi_asmil import store
     from wsi_asmil.models.registry import build_model, save_checkpoint
 
-    coords, _, attrs = store.read_tiles(tiles)
     feats_path = work / f"features_{tag}.zarr"
     if not feats_path.exists():
+        coords, _, attrs = store.read_tiles(tiles)
         rng = np.random.default_rng(0)
         with store.feature_writer(feats_path, coords, 512, {**attrs, "encoder": "random", "weights": "random"}) as w:
             for start in range(0, len(coords), 8192):
@@ -93,7 +99,7 @@ def fake_inputs(work: Path, tiles: Path, tag: str) -> tuple[Path, Path, int]:
         torch.manual_seed(0)
         save_checkpoint(models / "fold0" / "model.pt", build_model("asmil", 512, 2), model_name="asmil",
                         model_kwargs={}, classes=["normal", "tumour"], in_dim=512, epoch=0, params={})
-    return feats_path, models, len(coords)
+    return feats_path, models, int(store.lazy_features(feats_path).shape[0])
 
 
 def main() -> None:
@@ -104,30 +110,39 @@ def main() -> None:
     p.add_argument("--mpp", type=float, default=8.0, help="overlay PNG resolution (um/px)")
     p.add_argument("--tiff-mpp", type=float, default=None, help="also time a pyramidal TIFF overlay at this um/px")
     p.add_argument("--threads", type=int, default=2, help="OMP threads of the scoring process")
+    p.add_argument("--chunk-tiles", type=int, default=None, help="tiles scored at a time (default: scoring's)")
+    p.add_argument("--score-only", action="store_true", help="measure scoring alone (no drawing)")
     args = p.parse_args()
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     slide = args.slide or work / "camelyon_like.svs"
-    ensure_slide(slide)
+    needs_slide = not args.score_only or any(not (work / f"features_o{o:g}.zarr").exists() for o in args.overlap)
+    if needs_slide:
+        ensure_slide(slide)
     logs = work / "logs"
     logs.mkdir(exist_ok=True)
     seg = work / "segment"
     results: dict = {"slide": str(slide), "machine": f"{platform.machine()}, {os.cpu_count()} CPU(s)", "runs": []}
-    if not (seg / "mask.png").exists():
+    if needs_slide and not (seg / "mask.png").exists():
         results["segment"] = run("wsi_asmil.segment", ["--slide", str(slide), "--out-dir", str(seg)], logs / "segment.log")
     for overlap in args.overlap:
         tag = f"o{overlap:g}"
         tiles = work / f"tiles_{tag}.zarr"
         row: dict = {"overlap": overlap}
-        if not tiles.exists():
+        if not tiles.exists() and not (work / f"features_{tag}.zarr").exists():
             row["tile"] = run("wsi_asmil.tile", ["--slide", str(slide), "--seg-dir", str(seg), "--out", str(tiles),
                               "--qc", str(work / f"grid_{tag}.png"), "--overlap", str(overlap)], logs / f"tile_{tag}.log")
         feats, models, n = fake_inputs(work, tiles, tag)
         row["tiles"] = n
         out = work / f"out_{tag}"
+        chunk = ["--chunk-tiles", str(args.chunk_tiles)] if args.chunk_tiles else []
         row["score"] = run("wsi_asmil.scoring", ["--features", str(feats), "--models-dir", str(models), "--folds", "1",
-                           "--fold", "0", "--device", "cpu", "--out-dir", str(out / "scores")], logs / f"score_{tag}.log",
-                           threads=args.threads)
+                           "--fold", "0", "--device", "cpu", "--out-dir", str(out / "scores"), *chunk],
+                           logs / f"score_{tag}.log", threads=args.threads)
+        if args.score_only:
+            results["runs"].append(row)
+            print(json.dumps(row), flush=True)
+            continue
         name = feats.name[: -len(".zarr")]
         draw = ["--slide", str(slide), "--scores", str(out / "scores" / f"{name}_scores.csv"),
                 "--out", str(out / "heatmap.png"), "--geojson", str(out / "tiles.geojson"), "--gallery", str(out / "topk.jpg"),
@@ -145,8 +160,8 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for r in results["runs"]:
         tiff = f"{r['draw_tiff'][0]:.1f} / {r['draw_tiff'][1]:.0f}" if "draw_tiff" in r else "-"
-        print(f"| {r['overlap']:g} | {r['tiles']} | {r['score'][0]:.1f} / {r['score'][1]:.0f} | "
-              f"{r['draw'][0]:.1f} / {r['draw'][1]:.0f} | {tiff} |")
+        draw = f"{r['draw'][0]:.1f} / {r['draw'][1]:.0f}" if "draw" in r else "-"
+        print(f"| {r['overlap']:g} | {r['tiles']} | {r['score'][0]:.1f} / {r['score'][1]:.0f} | {draw} | {tiff} |")
 
 
 if __name__ == "__main__":
