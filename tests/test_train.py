@@ -196,7 +196,7 @@ def test_fold_out_of_range_and_unlabelled_slide(cohort, tmp_path: Path) -> None:
         ({"epoch": 3}, "epoch"),
         ({"models": {"asmil": {"n_token": 4}}}, "n_token"),
         ({"models": {"abmil": {"tau": 0.5}}}, "tau"),
-        ({"models": {"transmil": {}}}, "transmil"),
+        ({"models": {"dsmil": {}}}, "dsmil"),
     ],
 )
 def test_unknown_params_are_rejected_by_name(params: dict, name: str) -> None:
@@ -306,6 +306,27 @@ def test_float16_is_used_only_where_it_is_exact(tmp_path: Path, monkeypatch: pyt
     assert bags[1].features.dtype == torch.float32 and torch.equal(bags[1].features, torch.from_numpy(inexact))
     with pytest.raises(ValueError, match="float16 or float32"):
         load_bags(tmp_path, ["exact"], {"exact": "normal"}, CLASSES, torch.device("cpu"), torch.bfloat16)
+
+
+def test_train_speed_benchmark_runs_and_its_curves_agree(tmp_path: Path) -> None:
+    """benchmarks/train_speed.py at toy size, so the unattended GPU run is not broken by a change here."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "train_speed.py"
+    spec = importlib.util.spec_from_file_location("train_speed", path)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "speed.json"
+    report = bench.main(["--bags", "3", "--tiles", "40", "--dim", "32", "--tokens", "4", "--epochs", "1",
+                         "--device", "cpu", "--json", str(out)])
+    assert json.loads(out.read_text())["cohort"] == "3 bags of 40 x 32"
+    rows = {(r["model"], r["run"]): r for r in report["rows"]}
+    assert set(rows) == {(m, r) for m in ("asmil", "abmil") for r in ("ours fp32", "reference")}
+    for model in ("asmil", "abmil"):
+        ours = rows[model, "ours fp32"]
+        assert ours["loss_curves_agree"] and len(ours["step_losses"]) == 6  # 1 warm-up + 1 timed epoch
+        assert ours["s_per_epoch"] > 0 and ours["peak_rss_gib"] > 0
 
 
 @pytest.fixture(scope="module")
