@@ -381,7 +381,7 @@ def test_asmil_token_init_and_configurable_depth() -> None:
     assert model.eval()(torch.randn(7, 32))["attn_logits"].shape == (8, 16, 7)
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", [*MODEL_NAMES, "transmil"])
 def test_eval_mode_is_deterministic(name: str) -> None:
     torch.manual_seed(0)
     model = build_model(name, 32, 2, dropout=0.5).eval()
@@ -401,14 +401,22 @@ def test_abmil_is_gated_attention_weighted_mean() -> None:
 
 
 def test_build_model_rejects_unknown_name() -> None:
-    with pytest.raises(ValueError, match="transmil"):
-        build_model("transmil", 32, 2)
+    with pytest.raises(ValueError, match="dtfd_mil"):
+        build_model("dtfd_mil", 32, 2)
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+CHECKPOINT_KWARGS = {
+    "asmil": {"n_tokens": 4, "inner_dim": 16},
+    "abmil": {"hidden": 32},
+    "abmil_anchor": {"hidden": 32},
+    "transmil": {"dim": 32, "n_landmarks": 8},  # 50 tiles > 8 landmarks: the Nystrom path
+}
+
+
+@pytest.mark.parametrize("name", [*MODEL_NAMES, "transmil"])
 def test_checkpoint_round_trip_with_weights_only(name: str, tmp_path) -> None:
     torch.manual_seed(0)
-    kwargs = {"n_tokens": 4, "inner_dim": 16} if name == "asmil" else {"hidden": 32}
+    kwargs = CHECKPOINT_KWARGS[name]
     model = build_model(name, 32, 3, **kwargs)
     path = tmp_path / "model.pt"
     save_checkpoint(
@@ -487,3 +495,145 @@ def test_softmax_target_is_the_no_nsf_ablation() -> None:
     expected = (target * (target.log() - log_p)).sum(-1).mean()
     torch.testing.assert_close(stabilization_loss(online, anchor, 0.5, "distribution_mean", "softmax"), expected)
     assert not torch.allclose(stabilization_loss(online, anchor, 0.5, "distribution_mean", "nsf"), expected)
+
+
+# --- TransMIL -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def one_thread():
+    """Two shared cores: one intra-op thread keeps the heavier TransMIL tests fast and predictable."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("m", [1, 7, 5000])
+def test_transmil_shapes_gradients_and_attention(m: int, one_thread) -> None:
+    """1 tile (a 1x1 grid), 7 (a 3x3 grid with 2 repeats) and 5000 (Nystrom, 20 tokens a landmark)."""
+    torch.manual_seed(0)
+    model = build_model("transmil", 64, 3).train()
+    bag = torch.randn(m, 64)
+    out = model(bag)
+    assert out["logits"].shape == (3,)
+    assert out["attn_logits"].shape == (8, 1, m) and out["attn_logits"].dtype == torch.float32
+    F.cross_entropy(out["logits"][None], torch.tensor([2])).backward()
+    for name, p in model.named_parameters():
+        if name.startswith("input_norm"):
+            continue
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    scores = model.attention_scores(bag)
+    assert scores.shape == (m,) and torch.isfinite(scores).all() and (scores >= 0).all()
+    assert scores.sum().item() == pytest.approx(1.0, abs=1e-5)
+    assert model.training  # attention_scores restores the caller's mode
+
+
+def _exact_attention(att, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference: full softmax attention with the module's own weights, (output, weights (H, n, n))."""
+    n, h, dh = x.shape[0], att.n_heads, att.head_dim
+    q, k, v = att.qkv(x).view(n, 3, h, dh).permute(1, 2, 0, 3)
+    weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(dh), dim=-1)
+    out = weights @ v + att.value_conv(v.unsqueeze(0))[0]
+    return att.out(out.transpose(0, 1).reshape(n, h * dh)), weights
+
+
+def test_transmil_reports_attention_for_real_tiles_only() -> None:
+    """7 tiles make a 3x3 grid by repeating tiles 0 and 1; the CLS token attends to 10 tokens in
+    the last layer (itself, 7 tiles, 2 repeats). Reported: the 7 tile columns, renormalised."""
+    torch.manual_seed(0)
+    model = build_model("transmil", 32, 2, dim=64).eval()
+    seen: list[torch.Tensor] = []
+    model.layer2.attention.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    bag = torch.randn(7, 32)
+    attn_logits = model(bag)["attn_logits"]
+    assert seen[-1].shape == (10, 64)
+    _, exact = _exact_attention(model.layer2.attention, seen[-1])  # 10 tokens <= 32 landmarks: exact
+    cls_row = exact[:, 0]  # (H, 10)
+    assert (cls_row[:, [0, 8, 9]] > 1e-3).all()  # the CLS token and the repeats do take attention
+    expected = cls_row[:, 1:8] / cls_row[:, 1:8].sum(-1, keepdim=True)
+    torch.testing.assert_close(torch.softmax(attn_logits[:, 0], -1), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model.attention_scores(bag), expected.mean(0), rtol=1e-5, atol=1e-6)
+
+
+def test_transmil_square_padding_repeats_the_first_tiles() -> None:
+    torch.manual_seed(0)
+    model = build_model("transmil", 16, 2, dim=32).eval()
+    seen: list[torch.Tensor] = []
+    model.layer1.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    bag = torch.randn(11, 16)  # 4x4 grid: 5 repeats
+    model(bag)
+    tokens = seen[-1]
+    assert tokens.shape == (17, 32)
+    torch.testing.assert_close(tokens[0], model.cls_token[0])
+    torch.testing.assert_close(tokens[12:], tokens[1:6], rtol=0, atol=0)
+
+
+def test_nystrom_attention_is_exact_when_segments_are_constant() -> None:
+    """If the tokens of every landmark segment are equal, the landmarks are the distinct tokens and
+    softmax(Q K~) pinv(softmax(Q~ K~)) softmax(Q~ K) = softmax(Q K): the Nystrom formula, and the
+    attention row restricted to some keys, must then equal exact attention."""
+    from wsi_asmil.models.transmil import NystromSelfAttention
+
+    torch.manual_seed(0)
+    att = NystromSelfAttention(32, 8, n_landmarks=4, pinv_iterations=20, dropout=0.0).eval()
+    x = torch.randn(4, 32).repeat_interleave(3, dim=0)  # 12 tokens > 4 landmarks, segments of 3
+    out, row = att(x, query=5, keys=slice(2, 9))
+    ref, weights = _exact_attention(att, x)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(row, weights[:, 5, 2:9], rtol=1e-4, atol=1e-5)
+    # The landmark means must ignore the front padding: 13 tokens give segments of 1 (+3 pads), 4, 4, 4.
+    t = torch.randn(2, 13, 3)
+    marks = att._landmarks(t)
+    torch.testing.assert_close(marks[:, 0], t[:, 0])
+    torch.testing.assert_close(marks[:, 1], t[:, 1:5].mean(1))
+
+
+def test_iterative_pinv_converges_to_the_inverse() -> None:
+    from wsi_asmil.models.transmil import iterative_pinv
+
+    torch.manual_seed(0)
+    a = torch.softmax(torch.randn(3, 16, 16, dtype=torch.float64), dim=-1)
+    torch.testing.assert_close(iterative_pinv(a, 25), torch.linalg.inv(a), rtol=1e-6, atol=1e-6)
+
+
+def test_ppeg_mixes_grid_neighbours_only_and_keeps_cls() -> None:
+    """Row-major 10x10 grid: tile (0, 0) reaches at most 3 rows/columns away (the 7x7 kernel)."""
+    from wsi_asmil.models.transmil import PPEG
+
+    torch.manual_seed(0)
+    ppeg = PPEG(8)
+    x = torch.randn(101, 8)
+    y = x.clone()
+    y[1] += 1.0  # tile (0, 0)
+    diff = (ppeg(y, 10) - ppeg(x, 10)).abs().sum(-1)[1:].view(10, 10)
+    assert diff[:4, :4].gt(0).all() and diff[4:].eq(0).all() and diff[:, 4:].eq(0).all()
+    torch.testing.assert_close(ppeg(x, 10)[0], x[0], rtol=0, atol=0)
+
+
+def test_transmil_runs_under_bf16_autocast() -> None:
+    torch.manual_seed(0)
+    model = build_model("transmil", 32, 2, dim=64, n_landmarks=8).eval()
+    bag = torch.randn(300, 32)
+    ref = model(bag)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(bag)
+    assert out["attn_logits"].dtype == torch.float32  # the Nystrom arithmetic stays in float32
+    torch.testing.assert_close(out["logits"].float(), ref["logits"], rtol=0.05, atol=0.05)
+    torch.testing.assert_close(
+        torch.softmax(out["attn_logits"], -1), torch.softmax(ref["attn_logits"], -1), rtol=0.1, atol=1e-3
+    )
+
+
+def test_transmil_learns_a_sparse_instance_signal(tmp_path, one_thread) -> None:
+    """The cohort of test_train's learning test; the spec defaults (dim 512) and TransMIL's lr."""
+    from test_train import CLASSES, make_cohort
+
+    from wsi_asmil.train import train_fold
+
+    features_dir, ids, labels = make_cohort(tmp_path, 60, seed=1, m_range=(50, 201), n_signal=8, shift=4.0)
+    split = {"classes": CLASSES, "labels": labels, "folds": [{"train": ids[:32], "val": ids[32:40], "test": ids[40:]}]}
+    metrics = train_fold(features_dir, split, 0, "transmil", {"epochs": 3, "lr": 2e-4}, tmp_path / "run", "cpu")
+    assert metrics["test"]["auc"] >= 0.9, metrics["test"]
+    loaded, checkpoint = load_model(tmp_path / "run" / "model.pt")
+    assert checkpoint["model_name"] == "transmil" and checkpoint["model_kwargs"]["dim"] == 512
