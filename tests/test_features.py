@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -7,12 +8,15 @@ import numpy as np
 import pytest
 import timm
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
-from wsi_asmil import store
+from wsi_asmil import store, tiff_jpeg
 from wsi_asmil.encoders import WeightsError, build_encoder
-from wsi_asmil.features import Embedder, extract_slide
+from wsi_asmil.features import ChunkAlignedBatches, Embedder, extract_slide
 from wsi_asmil.segment import SegmentParams, segment_slide
 from wsi_asmil.slide import Slide
+from wsi_asmil.tiff_jpeg import JpegTiledLevel
 from wsi_asmil.tile import TileParams, tile_slide
 
 
@@ -122,7 +126,8 @@ def test_empty_tile_set(real_slide: Path, tmp_path: Path) -> None:
     assert feats.shape == (0, 512) and coords.shape == (0, 2)
 
 
-def test_failed_extraction_leaves_no_store(real_slide: Path, real_tiles: Path, tmp_path: Path) -> None:
+def test_interrupted_extraction_leaves_only_hidden_progress(real_slide: Path, real_tiles: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store, "ROWS_PER_CHUNK", 16)
     enc = build_encoder("resnet18", "random")
 
     class Boom(torch.nn.Module):
@@ -130,11 +135,85 @@ def test_failed_extraction_leaves_no_store(real_slide: Path, real_tiles: Path, t
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             Boom.calls += 1
-            if Boom.calls > 1:
+            if Boom.calls > 4:
                 raise RuntimeError("killed half way")
             return torch.zeros(len(x), 512)
 
     broken = type(enc)(Boom(), enc.name, enc.spec, enc.dim, enc.weights_id)
     with pytest.raises(RuntimeError, match="half way"):
         extract_slide(real_slide, real_tiles, tmp_path / "f.zarr", broken, "cpu", "fp32", 8, 0)
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == [".f.zarr.partial"]  # nothing looks complete
+    progress = json.loads((tmp_path / ".f.zarr.partial" / "progress.json").read_text())
+    assert progress["rows_done"] == 16  # batches 1-2 form the first chunk; 3-4 were not checkpointed
+
+
+def test_resume_skips_finished_chunks_and_equals_uninterrupted(real_slide: Path, real_tiles: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store, "ROWS_PER_CHUNK", 8)
+    enc = build_encoder("resnet18", "random")
+    extract_slide(real_slide, real_tiles, tmp_path / "ref.zarr", enc, "cpu", "fp32", 4, 0)
+    ref = store.read_features(tmp_path / "ref.zarr")[0]
+
+    calls: list[int] = []
+
+    class Flaky(torch.nn.Module):
+        def __init__(self, fail_at: int | None) -> None:
+            super().__init__()
+            self.fail_at = fail_at
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            calls.append(len(x))
+            if self.fail_at is not None and len(calls) == self.fail_at:
+                raise RuntimeError("node lost")
+            return enc.model(x)
+
+    with pytest.raises(RuntimeError, match="node lost"):
+        extract_slide(real_slide, real_tiles, tmp_path / "f.zarr", type(enc)(Flaky(7), enc.name, enc.spec, enc.dim, enc.weights_id), "cpu", "fp32", 4, 0)
+    done = json.loads((tmp_path / ".f.zarr.partial" / "progress.json").read_text())["rows_done"]
+    assert done == 16 and len(ref) > 24  # batches 1-4 were checkpointed, 5-6 not
+    calls.clear()
+    extract_slide(real_slide, real_tiles, tmp_path / "f.zarr", type(enc)(Flaky(None), enc.name, enc.spec, enc.dim, enc.weights_id), "cpu", "fp32", 4, 0)
+    assert sum(calls) == len(ref) - done
+    np.testing.assert_array_equal(store.read_features(tmp_path / "f.zarr")[0], ref)
+    assert not (tmp_path / ".f.zarr.partial").exists()
+
+
+def test_stale_progress_of_other_settings_is_discarded(real_slide: Path, real_tiles: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store, "ROWS_PER_CHUNK", 16)
+    coords = store.read_tiles(real_tiles)[0]
+    stale = store.PartialFeatures(tmp_path / "f.zarr", coords, 512, {}, fingerprint="other weights")
+    stale.write_chunk(0, np.ones((16, 512)), [])
+    enc = build_encoder("resnet18", "random")
+    extract_slide(real_slide, real_tiles, tmp_path / "f.zarr", enc, "cpu", "fp32", 8, 0)
+    extract_slide(real_slide, real_tiles, tmp_path / "ref.zarr", enc, "cpu", "fp32", 8, 0)
+    np.testing.assert_array_equal(store.read_features(tmp_path / "f.zarr")[0], store.read_features(tmp_path / "ref.zarr")[0])
+
+
+@given(
+    n=st.integers(0, 200), batch=st.integers(1, 40), chunk=st.integers(1, 64), start_chunks=st.integers(0, 5)
+)
+def test_batches_cover_the_rest_and_never_straddle_a_chunk(n: int, batch: int, chunk: int, start_chunks: int) -> None:
+    start = min(start_chunks * chunk, n)
+    ranges = ChunkAlignedBatches(n, batch, chunk, start).ranges
+    assert [i for a, b in ranges for i in range(a, b)] == list(range(start, n))
+    for a, b in ranges:
+        assert 0 < b - a <= batch and a // chunk == (b - 1) // chunk
+
+
+def test_reads_are_direct_where_they_match_openslide(real_slide: Path, real_tiles: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    enc = build_encoder("resnet18", "random")
+    direct = extract_slide(real_slide, real_tiles, tmp_path / "d.zarr", enc, "cpu", "fp32", 16, 0)
+    slow = extract_slide(real_slide, real_tiles, tmp_path / "o.zarr", enc, "cpu", "fp32", 16, 0, reader="openslide")
+    assert (direct["reader"], slow["reader"]) == ("jpeg-direct", "openslide")
+    np.testing.assert_array_equal(store.read_features(tmp_path / "d.zarr")[0], store.read_features(tmp_path / "o.zarr")[0])
+    # Aperio's RGB JPEG tiles decoded as YCbCr (the marker dropped) no longer match: OpenSlide is used
+    find = JpegTiledLevel.find
+
+    def without_rgb_marker(*args: object) -> JpegTiledLevel | None:
+        level = find(*args)
+        if level is not None:
+            level.header = level.header.replace(tiff_jpeg._ADOBE_RGB, b"")
+        return level
+
+    monkeypatch.setattr(JpegTiledLevel, "find", staticmethod(without_rgb_marker))
+    guarded = extract_slide(real_slide, real_tiles, tmp_path / "g.zarr", enc, "cpu", "fp32", 16, 0)
+    assert guarded["reader"] == "openslide"

@@ -396,16 +396,28 @@ def test_sigkill_in_tiling_then_rerun_equals_uninterrupted(corrupt_pair: dict[st
     np.testing.assert_array_equal(frac, ref_frac)
 
 
-def test_sigkill_in_features_then_rerun_equals_uninterrupted(corrupt_pair: dict[str, Path], tmp_path: Path) -> None:
+def test_sigkill_in_features_then_rerun_resumes_and_equals_uninterrupted(corrupt_pair: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "features" / "intact.zarr"
     cmd = [PY, "-m", "wsi_asmil.features", "--slide", str(corrupt_pair["intact"]), "--tiles", str(corrupt_pair["tiles"]),
-           "--out", str(out), "--device", "cpu", "--precision", "fp32", "--batch-size", "4", "--num-workers", "0", "--threads", "1"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=hook_env(WSI_ASMIL_KILL_AFTER_ROWS="intact.zarr:4"))
+           "--out", str(out), "--device", "cpu", "--precision", "fp32", "--batch-size", "2", "--num-workers", "0", "--threads", "1"]
+    env = hook_env(WSI_ASMIL_KILL_AFTER_ROWS="intact.zarr:4", WSI_ASMIL_ROWS_PER_CHUNK="4")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert _killed(proc), proc.stderr
-    assert not out.exists()  # half the rows were written, into a hidden scratch store
+    assert not out.exists()  # a third of the rows were checkpointed, into a hidden scratch store
     assert out.parent.exists() and all(p.name.startswith(".") for p in out.parent.iterdir())
-    extract_slide(corrupt_pair["intact"], corrupt_pair["tiles"], out, random_encoder(), "cpu", "fp32", 4, 0)
+    progress = json.loads((out.parent / ".intact.zarr.partial" / "progress.json").read_text())
+    n_tiles = len(store.read_tiles(corrupt_pair["tiles"])[0])
+    assert progress["rows_done"] == 4 and n_tiles == 12
+
+    enc = random_encoder()
+    seen = []
+    model = enc.model
+    counting = type(enc)(torch.nn.Sequential(), enc.name, enc.spec, enc.dim, enc.weights_id)
+    counting.model.forward = lambda x: (seen.append(len(x)), model(x))[1]  # type: ignore[method-assign]
+    extract_slide(corrupt_pair["intact"], corrupt_pair["tiles"], out, counting, "cpu", "fp32", 4, 0)
+    assert sum(seen) == n_tiles - 4  # the finished chunk was not embedded again
     np.testing.assert_array_equal(store.read_features(out)[0], store.read_features(corrupt_pair["features"])[0])
+    assert [p.name for p in out.parent.iterdir()] == ["intact.zarr"]  # the scratch became the store
 
 
 def _tiny_fold(root: Path) -> tuple[Path, Path]:
@@ -487,14 +499,15 @@ def test_disk_full_while_writing_features_removes_the_temporary_store(corrupt_pa
     enc = random_encoder()
     shutil.copytree(corrupt_pair["features"], out)  # the previous complete output
     before = store.read_features(out)
-    write = store._RowWriter.write
+    monkeypatch.setattr(store, "ROWS_PER_CHUNK", 4)
+    write = store.PartialFeatures.write_chunk
 
-    def full_disk(self, start, rows):  # type: ignore[no-untyped-def]
-        if self.written >= 4:
+    def full_disk(self, start, rows, failed):  # type: ignore[no-untyped-def]
+        if self.rows_done >= 4:
             raise OSError(errno.ENOSPC, "No space left on device")
-        write(self, start, rows)
+        write(self, start, rows, failed)
 
-    monkeypatch.setattr(store._RowWriter, "write", full_disk)
+    monkeypatch.setattr(store.PartialFeatures, "write_chunk", full_disk)
     with pytest.raises(OSError, match="no space left on the device while writing .*intact.zarr.*Free space") as err:
         extract_slide(corrupt_pair["intact"], corrupt_pair["tiles"], out, enc, "cpu", "fp32", 4, 0)
     assert err.value.errno == errno.ENOSPC
@@ -707,7 +720,7 @@ def test_out_of_memory_in_feature_extraction(corrupt_pair: dict[str, Path], tmp_
     broken = type(enc)(_Oom(), enc.name, enc.spec, enc.dim, enc.weights_id)
     with pytest.raises(FeatureExtractionError, match=r"'intact': out of memory on cpu embedding a batch of 4 tiles.*features.batch_size \(now 4\).*features.device: cpu"):
         extract_slide(corrupt_pair["intact"], corrupt_pair["tiles"], tmp_path / "f.zarr", broken, "cpu", "fp32", 4, 0)
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == [".f.zarr.partial"]  # progress kept for the rerun
 
 
 class _Oom(torch.nn.Module):

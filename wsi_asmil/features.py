@@ -1,8 +1,17 @@
 """Feature extraction: every tile of a slide through a frozen encoder into a features store.
 
-The CPU side only reads and decodes uint8 tiles (in DataLoader workers, one OpenSlide handle per
-worker, tiles in slide order); conversion to float, normalisation, channels_last and bf16 autocast
-happen on the compute device, where they are cheap. The store appears only when complete.
+The CPU side only reads and decodes uint8 tiles, in DataLoader worker processes that each keep one
+handle on the slide and read whole batches in slide order. Where the read level is a JPEG-tiled
+TIFF level (Aperio SVS, generic TIFF), workers decode the file's own JPEG tiles directly
+(:mod:`wsi_asmil.tiff_jpeg`), each about once; everything else goes through OpenSlide. Resizing
+to the encoder's input, conversion to float, normalisation, channels_last and bf16 autocast run on
+the compute device, where they are cheap, and the device runs a batch ahead of the host, which
+collects results one batch late so the device never waits on the copy back.
+
+Rows are written a whole Zarr chunk at a time by a background thread into a hidden scratch store
+that records its progress (:class:`wsi_asmil.store.PartialFeatures`): a job killed half way
+through a large slide resumes after the last finished chunk, and the result equals an
+uninterrupted run. The store appears at its final path only when complete.
 
 A tile that cannot be decoded (a corrupt JPEG tile inside an otherwise readable slide) is logged,
 skipped and counted: its row is left out of the features store together with its coordinates, and
@@ -15,76 +24,176 @@ from __future__ import annotations
 
 import argparse
 import errno
+import hashlib
+import json
 import logging
 import os
 import shutil
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import zarr
-from torch.utils.data import DataLoader, Dataset
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from wsi_asmil import store
 from wsi_asmil.cli import add_slide_args, setup_logging
 from wsi_asmil.encoders import Encoder, build_encoder
-from wsi_asmil.io import atomic_path
 from wsi_asmil.memory import is_out_of_memory
 from wsi_asmil.slide import RegionReadError, Slide, SlideError
+from wsi_asmil.tiff_jpeg import JpegTiledLevel
 
 log = logging.getLogger(__name__)
 
 #: More undecodable tiles than this share of a slide's tiles fails the slide: the file is damaged
 #: (truncated, corrupt), and features of what is left would silently misrepresent it.
 MAX_FAILED_FRACTION = 0.5
+#: Mean absolute difference (8-bit levels) from OpenSlide's pixels above which the direct JPEG
+#: reader is not trusted for a slide. A wrong colour space differs by tens of levels; OpenSlide's
+#: sub-pixel placement of a level's origin by well under one.
+DIRECT_READER_TOLERANCE = 1.0
 
 
 class FeatureExtractionError(RuntimeError):
     """Feature extraction of one slide failed; the message names the slide and what to do."""
 
 
-class TileDataset(Dataset):
-    """uint8 (S, S, 3) tiles of one slide at the tiling's mpp, read lazily per worker.
+@dataclass(frozen=True)
+class ReadPlan:
+    """How a slide's tiles are read: level, raw size at that level and the reader to use.
 
-    The OpenSlide handle is opened on first use inside each worker process (handles do not
-    survive pickling and must not be shared between processes).
+    The raw read covers the tile's physical field at the read level; the device resizes it to the
+    encoder's input size when the two differ, so both compute paths see identical pixels.
+    """
+
+    level: int
+    downsample: float
+    read_size: tuple[int, int]
+    reader: str  # "jpeg-direct" or "openslide"
+
+    @classmethod
+    def for_slide(
+        cls, slide: Slide, coords: np.ndarray, field_mpp: float, size: int, level: int, reader: str
+    ) -> "ReadPlan":
+        scale = field_mpp / slide.level_mpp(level)
+        side = max(1, int(round(size * scale)))
+        plan = cls(level, float(slide.level_downsamples[level]), (side, side), "openslide")
+        if reader == "auto" and len(coords):
+            direct = JpegTiledLevel.find(slide.path, slide.level_dimensions[level])
+            if direct is not None and plan._agrees(direct, slide, coords[len(coords) // 2]):
+                return cls(plan.level, plan.downsample, plan.read_size, "jpeg-direct")
+        return plan
+
+    def _agrees(self, direct: JpegTiledLevel, slide: Slide, xy: np.ndarray) -> bool:
+        try:
+            ours = self.read_direct(direct, int(xy[0]), int(xy[1])).astype(np.float32)
+            theirs = slide.read_rgb(self.level, int(xy[0]), int(xy[1]), *self.read_size).astype(np.float32)
+        except (RegionReadError, ValueError, OSError) as exc:
+            log.info("slide '%s': direct JPEG reads not used (%s)", slide.slide_id, exc)
+            return False
+        diff = float(np.abs(ours - theirs).mean())
+        if diff > DIRECT_READER_TOLERANCE:
+            log.warning(
+                "slide '%s': direct JPEG decode differs from OpenSlide by %.1f levels on average; "
+                "reading through OpenSlide", slide.slide_id, diff,
+            )
+            return False
+        return True
+
+    def read_direct(self, direct: JpegTiledLevel, x0: int, y0: int) -> np.ndarray:
+        lx, ly = int(round(x0 / self.downsample)), int(round(y0 / self.downsample))
+        return direct.read(lx, ly, *self.read_size)
+
+
+class TileDataset(Dataset):
+    """uint8 (h, w, 3) tiles of one slide at the read level, fetched a whole batch at a time.
+
+    Handles (OpenSlide, or the direct JPEG reader's file descriptor) are opened on first use inside
+    each worker process: they do not survive pickling and must not be shared between processes.
     """
 
     def __init__(
         self,
         slide_path: str | Path,
         coords: np.ndarray,
-        target_mpp: float,
-        size: int,
-        read_level: int,
+        plan: ReadPlan,
         mpp_override: float | None = None,
         mpp_fallback: float | None = None,
     ) -> None:
         self.slide_path = str(slide_path)
         self.coords = coords
-        self.target_mpp = target_mpp
-        self.size = size
-        self.read_level = read_level
+        self.plan = plan
         self.mpp_override = mpp_override
         self.mpp_fallback = mpp_fallback
         self._slide: Slide | None = None
+        self._direct: JpegTiledLevel | None = None
 
     def __len__(self) -> int:
         return len(self.coords)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, bool]:
-        """(uint8 tile, True), or (a blank tile, False) for a tile that cannot be decoded."""
+    def _open(self) -> None:
+        self._slide = Slide(self.slide_path, self.mpp_override, self.mpp_fallback)
+        if self.plan.reader == "jpeg-direct":
+            self._direct = JpegTiledLevel.find(self.slide_path, self._slide.level_dimensions[self.plan.level])
+
+    def _read(self, i: int) -> np.ndarray:
+        assert self._slide is not None
+        x, y = (int(v) for v in self.coords[i])
+        if self._direct is not None:
+            try:
+                return self.plan.read_direct(self._direct, x, y)
+            except ValueError:
+                pass  # let OpenSlide decide, and name the region, when the direct decode fails
+        return self._slide.read_rgb(self.plan.level, x, y, *self.plan.read_size)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        tiles, ok = self.__getitems__([i])
+        return tiles[0], ok[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(uint8 tiles (B, h, w, 3), read ok (B,)); a tile that cannot be decoded is blank, not ok."""
         if self._slide is None:
-            self._slide = Slide(self.slide_path, self.mpp_override, self.mpp_fallback)
-        x, y = self.coords[i]
-        try:
-            tile = self._slide.read_at_mpp(int(x), int(y), self.target_mpp, self.size, self.read_level)
-        except RegionReadError as exc:  # the handle was reopened; the next tile reads normally
-            log.warning("tile %d at level-0 (%d, %d) skipped: %s", i, x, y, exc)
-            return torch.zeros((self.size, self.size, 3), dtype=torch.uint8), False
-        return torch.from_numpy(tile), True
+            self._open()
+        w, h = self.plan.read_size
+        tiles = torch.empty((len(indices), h, w, 3), dtype=torch.uint8)
+        ok = torch.ones(len(indices), dtype=torch.bool)
+        for j, i in enumerate(indices):
+            try:
+                tiles[j] = torch.from_numpy(self._read(int(i)))
+            except RegionReadError as exc:  # the handle was reopened; the next tile reads normally
+                log.warning("tile %d at level-0 (%d, %d) skipped: %s", i, *self.coords[i], exc)
+                tiles[j] = 0
+                ok[j] = False
+        return tiles, ok
+
+
+class ChunkAlignedBatches(Sampler[list[int]]):
+    """Batches of consecutive rows from ``start`` on that never straddle a store chunk, so every
+    finished chunk can be checkpointed on its own."""
+
+    def __init__(self, n_rows: int, batch_size: int, chunk_rows: int, start: int = 0) -> None:
+        self.ranges = [
+            (a, min(a + batch_size, c + chunk_rows, n_rows))
+            for c in range(start, n_rows, chunk_rows)
+            for a in range(c, min(c + chunk_rows, n_rows), batch_size)
+        ]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return (list(range(a, b)) for a, b in self.ranges)
+
+    def __len__(self) -> int:
+        return len(self.ranges)
+
+
+def _as_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dataset already returns a stacked batch; DataLoader must not collate it again."""
+    return batch
 
 
 def resolve_device(device: str) -> torch.device:
@@ -103,13 +212,19 @@ def use_bf16(device: torch.device, precision: str) -> bool:
 
 
 class Embedder:
-    """An encoder on a device, fed uint8 NHWC batches: normalisation runs on the device."""
+    """An encoder on a device, fed uint8 NHWC batches: resize and normalisation run on the device.
 
-    def __init__(self, encoder: Encoder, device: torch.device, bf16: bool) -> None:
+    Returns float16 features still on the device (the copy back is the caller's, a batch later).
+    """
+
+    def __init__(self, encoder: Encoder, device: torch.device, bf16: bool, compile: bool = False) -> None:
         self.encoder = encoder
         self.device = device
         self.bf16 = bf16
+        self.size = encoder.spec.input_size
         self.model = encoder.model.to(device).to(memory_format=torch.channels_last)
+        if compile:
+            self.model = torch.compile(self.model, dynamic=False)
         shape = (1, 3, 1, 1)
         self.mean = torch.tensor(encoder.spec.mean, device=device).view(shape) * 255.0
         self.std = torch.tensor(encoder.spec.std, device=device).view(shape) * 255.0
@@ -117,10 +232,21 @@ class Embedder:
     @torch.inference_mode()
     def __call__(self, tiles_u8: torch.Tensor) -> torch.Tensor:
         x = tiles_u8.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
+        if x.shape[-2:] != (self.size, self.size):
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
         x = ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             out = self.model(x)
-        return out.float().cpu()
+        return out.float().to(torch.float16)
+
+
+def fingerprint(coords: np.ndarray, attrs: dict[str, Any]) -> str:
+    """Identity of a store's rows: the tiles and every setting that changes a feature value."""
+    h = hashlib.sha256(np.ascontiguousarray(coords, dtype=np.int64).tobytes())
+    keys = ("slide_id", "encoder", "timm_name", "weights", "input_size", "precision", "reader",
+            "read_level", "read_size", "norm_mean", "norm_std")
+    h.update(json.dumps({k: attrs.get(k) for k in keys}, sort_keys=True).encode())
+    return h.hexdigest()
 
 
 def extract_slide(
@@ -134,28 +260,19 @@ def extract_slide(
     num_workers: int = 1,
     mpp_override: float | None = None,
     mpp_fallback: float | None = None,
+    reader: str = "auto",
+    compile: bool = False,
 ) -> dict[str, Any]:
-    """Embed every tile of a tiles store and write the features store atomically."""
+    """Embed every tile of a tiles store and write the features store atomically (resumably)."""
     coords, _, tile_attrs = store.read_tiles(tiles_store)
+    sid = tile_attrs["slide_id"]
     dev = resolve_device(device)
     bf16 = use_bf16(dev, precision)
-    embed = Embedder(encoder, dev, bf16)
     size = encoder.spec.input_size
-    if size != tile_attrs["tile_size"]:
-        log.info("tiles of %d px are read at %d px for %s", tile_attrs["tile_size"], size, encoder.name)
     # The encoder sees the tile's physical field at its own input size.
-    read_mpp = tile_attrs["target_mpp"] * tile_attrs["tile_size"] / size
-    dataset = TileDataset(
-        slide_path, coords, read_mpp, size, tile_attrs["read_level"], mpp_override, mpp_fallback
-    )
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        pin_memory=dev.type == "cuda",
-        persistent_workers=False,
-        prefetch_factor=4 if num_workers > 0 else None,
-    )
+    field_mpp = tile_attrs["target_mpp"] * tile_attrs["tile_size"] / size
+    with Slide(slide_path, mpp_override, mpp_fallback) as slide:
+        plan = ReadPlan.for_slide(slide, coords, field_mpp, size, tile_attrs["read_level"], reader)
     attrs = {
         **{k: v for k, v in tile_attrs.items() if k not in ("kind", "created", "wsi_asmil_version")},
         "encoder": encoder.name,
@@ -165,38 +282,34 @@ def extract_slide(
         "norm_mean": list(encoder.spec.mean),
         "norm_std": list(encoder.spec.std),
         "precision": "bf16" if bf16 else "fp32",
+        "reader": plan.reader,
+        "read_size": list(plan.read_size),
     }
-    sid = tile_attrs["slide_id"]
-    out = Path(out_store)
-    # Rows are embedded into a hidden scratch store first: which tiles fail is only known at the
-    # end, and the final store holds exactly the tiles that were read.
-    scratch = out.with_name(f".{out.name}.rows-{os.getpid()}")
-    failed: list[int] = []
+    embed = Embedder(encoder, dev, bf16, compile)
     try:
-        with store.feature_writer(scratch, coords, encoder.dim, attrs) as writer:
-            start = 0
-            for tiles, ok in tqdm(loader, desc=f"features {sid}", unit="batch", mininterval=5, disable=None):
-                writer.write(start, _embed_batch(embed, tiles, sid, batch_size, dev).numpy())
-                failed += (start + torch.nonzero(~ok).flatten()).tolist()
-                start += len(tiles)
-            if failed and len(failed) > MAX_FAILED_FRACTION * len(coords):
-                raise FeatureExtractionError(
-                    f"slide '{sid}': {len(failed)} of {len(coords)} tiles of {slide_path} cannot be "
-                    f"decoded (more than {MAX_FAILED_FRACTION:.0%}): the file is truncated or corrupt; "
-                    "copy it again or re-export it from the scanner (the log lists the tiles)"
-                )
-        _finish_store(scratch, out, coords, failed, encoder.dim, attrs)
+        partial = store.PartialFeatures(out_store, coords, encoder.dim, attrs, fingerprint(coords, attrs))
+        if partial.resumed_from:
+            log.info("slide '%s': resuming after %d of %d finished rows", sid, partial.resumed_from, len(coords))
+        _embed_rows(slide_path, coords, plan, embed, partial, batch_size, num_workers, mpp_override, mpp_fallback, sid)
+        if partial.failed and len(partial.failed) > MAX_FAILED_FRACTION * len(coords):
+            partial.discard()
+            raise FeatureExtractionError(
+                f"slide '{sid}': {len(partial.failed)} of {len(coords)} tiles of {slide_path} cannot be "
+                f"decoded (more than {MAX_FAILED_FRACTION:.0%}): the file is truncated or corrupt; "
+                "copy it again or re-export it from the scanner (the log lists the tiles)"
+            )
+        partial.finish()
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            shutil.rmtree(store.PartialFeatures.scratch_for(out_store), ignore_errors=True)
             raise OSError(
                 exc.errno,
-                f"slide '{sid}': no space left on the device while writing {out} ({exc}); the "
+                f"slide '{sid}': no space left on the device while writing {out_store} ({exc}); the "
                 "partial store was removed. Free space under out_dir (or point out_dir at a larger "
                 "disk) and rerun: finished slides are kept",
             ) from exc
         raise
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    failed = partial.failed
     attrs.update(n_failed_tiles=len(failed))
     if failed:
         log.warning(
@@ -204,48 +317,87 @@ def extract_slide(
             "%d rows; failed coords in its attrs)", sid, len(failed), len(coords), len(coords) - len(failed),
         )
     log.info(
-        "slide '%s': %d tiles -> %d-d %s features on %s (%s)",
-        sid, len(coords) - len(failed), encoder.dim, encoder.name, dev, attrs["precision"],
+        "slide '%s': %d tiles -> %d-d %s features on %s (%s, %s reads)",
+        sid, len(coords) - len(failed), encoder.dim, encoder.name, dev, attrs["precision"], plan.reader,
     )
     return attrs
 
 
-def _embed_batch(
-    embed: Embedder, tiles: torch.Tensor, slide_id: str, batch_size: int, device: torch.device
-) -> torch.Tensor:
+def _embed_rows(
+    slide_path: str | Path,
+    coords: np.ndarray,
+    plan: ReadPlan,
+    embed: Embedder,
+    partial: store.PartialFeatures,
+    batch_size: int,
+    num_workers: int,
+    mpp_override: float | None,
+    mpp_fallback: float | None,
+    sid: str,
+) -> None:
+    """Read, embed and checkpoint every row not yet in ``partial``.
+
+    The device works on batch i while the host collects batch i-1, and a background thread writes
+    each finished chunk (at most one in flight), so reading, compute and writing overlap.
+    """
+    n = len(coords)
+    chunk = partial.chunk_rows
+    sampler = ChunkAlignedBatches(n, batch_size, chunk, partial.rows_done)
+    dataset = TileDataset(slide_path, coords, plan, mpp_override, mpp_fallback)
+    loader = DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=_as_batch,
+        num_workers=num_workers,
+        pin_memory=embed.device.type == "cuda",
+        prefetch_factor=2 if num_workers > 0 else None,
+    )
+    buffer = np.empty((0, embed.encoder.dim), dtype=np.float16)
+    buffer_start, buffer_failed = partial.rows_done, []
+    pending: deque[tuple[int, torch.Tensor, torch.Tensor]] = deque()
+    writes: Future | None = None
+    progress = tqdm(total=n, initial=partial.rows_done, desc=f"features {sid}", unit="tile", mininterval=5, disable=None)
+
+    def collect(start: int, feats: torch.Tensor, ok: torch.Tensor) -> None:
+        nonlocal buffer, buffer_start, buffer_failed, writes
+        rows = feats.cpu().numpy()
+        if start == buffer_start:
+            buffer = np.empty((min(chunk, n - start), rows.shape[1]), dtype=np.float16)
+        buffer[start - buffer_start : start - buffer_start + len(rows)] = rows
+        buffer_failed += (start + torch.nonzero(~ok).flatten()).tolist()
+        progress.update(len(rows))
+        if start + len(rows) == buffer_start + len(buffer):
+            if writes is not None:
+                writes.result()
+            writes = pool.submit(partial.write_chunk, buffer_start, buffer, buffer_failed)
+            buffer_start, buffer_failed = start + len(rows), []
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="features-writer") as pool:
+        try:
+            for (start, _), (tiles, ok) in zip(sampler.ranges, loader):
+                pending.append((start, _embed_batch(embed, tiles, sid, batch_size), ok))
+                if len(pending) > 1:
+                    collect(*pending.popleft())
+            while pending:
+                collect(*pending.popleft())
+        finally:
+            if writes is not None:
+                writes.result()
+            progress.close()
+
+
+def _embed_batch(embed: Embedder, tiles: torch.Tensor, slide_id: str, batch_size: int) -> torch.Tensor:
     try:
         return embed(tiles)
     except Exception as exc:
         if not is_out_of_memory(exc):
             raise
         raise FeatureExtractionError(
-            f"slide '{slide_id}': out of memory on {device} embedding a batch of {len(tiles)} tiles "
+            f"slide '{slide_id}': out of memory on {embed.device} embedding a batch of {len(tiles)} tiles "
             f"({exc.__class__.__name__}). Lower features.batch_size (now {batch_size}), or set "
-            "features.device: cpu, or free the device (another process may hold its memory)"
+            "features.device: cpu, or free the device (another process may hold its memory); a "
+            "rerun continues after the last finished chunk"
         ) from exc
-
-
-def _finish_store(
-    scratch: Path, out: Path, coords: np.ndarray, failed: list[int], dim: int, attrs: dict[str, Any]
-) -> None:
-    """Move the complete scratch store into place, or, when tiles failed, write the final store
-    with only the rows that were read (copied in row chunks, so memory stays bounded)."""
-    failed_coords = coords[failed].tolist() if failed else []
-    extra = {"n_failed_tiles": len(failed), "failed_coords": failed_coords}
-    if not failed:
-        zarr.open_group(scratch, mode="r+").attrs.update(extra)
-        with atomic_path(out) as tmp:
-            os.rename(scratch, tmp)
-        return
-    keep = np.ones(len(coords), dtype=bool)
-    keep[failed] = False
-    rows = zarr.open_group(scratch, mode="r")["features"]
-    with store.feature_writer(out, coords[keep], dim, {**attrs, **extra}) as writer:
-        pos = 0
-        for start in range(0, len(coords), store.ROWS_PER_CHUNK):
-            part = rows[start : start + store.ROWS_PER_CHUNK][keep[start : start + store.ROWS_PER_CHUNK]]
-            writer.write(pos, part)
-            pos += len(part)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -261,6 +413,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-workers", type=int, default=1, help="tile-reading processes")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--reader", default="auto", choices=["auto", "openslide"],
+                   help="auto: decode JPEG-tiled TIFF levels directly where they match OpenSlide")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the encoder")
     args = p.parse_args(argv)
     setup_logging()
     cores = os.cpu_count() or 1
@@ -269,7 +424,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         extract_slide(
             args.slide, args.tiles, args.out, encoder, args.device, args.precision,
-            args.batch_size, args.num_workers, args.slide_mpp, args.mpp_fallback,
+            args.batch_size, args.num_workers, args.slide_mpp, args.mpp_fallback, args.reader, args.compile,
         )
     except (FeatureExtractionError, SlideError) as exc:  # a clear message, no traceback
         log.error("%s", exc)

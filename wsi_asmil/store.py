@@ -16,12 +16,17 @@ Two kinds of store exist, both Zarr format 3 directories written atomically:
     norm_mean, norm_std, feature_dim.
 
 A slide without tissue has M = 0 and is still a complete store: training skips it with a warning.
+
+While a features store is being built it lives at a hidden sibling, ``.<slide>.zarr.partial``,
+with a ``progress.json`` beside its arrays (see :class:`PartialFeatures`); readers never see it.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
+import shutil
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,7 +37,7 @@ import numpy as np
 import zarr
 
 from wsi_asmil import __version__
-from wsi_asmil.io import atomic_path
+from wsi_asmil.io import atomic_path, write_json
 from wsi_asmil.provenance import store_pointer
 
 ROWS_PER_CHUNK = 4096
@@ -108,6 +113,115 @@ def feature_writer(
         yield writer
         if writer.written != len(coords):
             raise RuntimeError(f"{path}: wrote {writer.written} of {len(coords)} feature rows")
+
+
+class PartialFeatures:
+    """A features store under construction at a hidden scratch path, resumable chunk by chunk.
+
+    Rows land one whole Zarr chunk at a time (no chunk is ever rewritten in part). After each
+    chunk, ``progress.json`` is replaced atomically with the number of final rows, the rows whose
+    tiles could not be decoded, and a fingerprint of everything that determines the rows (tiles,
+    encoder, weights, precision, reader). A killed job leaves the scratch behind; the next run with
+    the same fingerprint continues after the last finished chunk, any other run starts over. So a
+    resumed store equals an uninterrupted one, and nothing at the final path looks complete early.
+    """
+
+    PROGRESS = "progress.json"
+
+    def __init__(
+        self, final: str | os.PathLike[str], coords: np.ndarray, dim: int, attrs: dict[str, Any], fingerprint: str
+    ) -> None:
+        self.final = Path(final)
+        self.path = self.scratch_for(self.final)
+        self.coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
+        self.dim = dim
+        self.attrs = attrs
+        self.fingerprint = fingerprint
+        progress = self._load_progress()
+        if progress is not None and progress.get("fingerprint") == fingerprint:
+            self.rows_done = int(progress["rows_done"])
+            self.failed: list[int] = [int(i) for i in progress["failed"]]
+            self.array = zarr.open_group(self.path, mode="r+")["features"]
+        else:
+            shutil.rmtree(self.path, ignore_errors=True)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            root = zarr.open_group(self.path, mode="w", zarr_format=3)
+            root.create_array("coords", data=self.coords, chunks=_row_chunks(len(self.coords), 2))
+            self.array = root.create_array(
+                "features",
+                shape=(len(self.coords), dim),
+                dtype="float16",
+                chunks=_row_chunks(len(self.coords), dim),
+                fill_value=0,
+            )
+            self.rows_done, self.failed = 0, []
+            self._save_progress()
+        self.resumed_from = self.rows_done
+
+    @staticmethod
+    def scratch_for(final: str | os.PathLike[str]) -> Path:
+        final = Path(final)
+        return final.with_name(f".{final.name}.partial")
+
+    @property
+    def chunk_rows(self) -> int:
+        return int(self.array.chunks[0])
+
+    def _load_progress(self) -> dict[str, Any] | None:
+        try:
+            progress = json.loads((self.path / self.PROGRESS).read_text())
+            zarr.open_group(self.path, mode="r")["features"]
+        except (OSError, ValueError, KeyError):
+            return None
+        return progress if isinstance(progress, dict) else None
+
+    def _save_progress(self) -> None:
+        write_json(
+            self.path / self.PROGRESS,
+            {"fingerprint": self.fingerprint, "rows_done": self.rows_done, "failed": self.failed},
+        )
+
+    def write_chunk(self, start: int, rows: np.ndarray, failed: list[int]) -> None:
+        """Write rows ``start:start+len(rows)``: exactly the next whole chunk (or the tail)."""
+        if start != self.rows_done or (len(rows) != self.chunk_rows and start + len(rows) != len(self.coords)):
+            raise ValueError(f"{self.path}: chunk at row {start} ({len(rows)} rows) out of order")
+        self.array[start : start + len(rows)] = rows.astype(np.float16)
+        self.rows_done += len(rows)
+        self.failed += failed
+        self._save_progress()
+
+    def discard(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def finish(self) -> None:
+        """Publish the final store: the scratch renamed when every tile was read, otherwise a copy
+        without the failed rows (in row chunks, so memory stays bounded)."""
+        if self.rows_done != len(self.coords):
+            raise RuntimeError(f"{self.final}: {self.rows_done} of {len(self.coords)} feature rows written")
+        extra = {
+            "kind": "features",
+            "feature_dim": self.dim,
+            **self.attrs,
+            **provenance(),
+            "n_failed_tiles": len(self.failed),
+            "failed_coords": self.coords[self.failed].tolist(),
+        }
+        if not self.failed:
+            (self.path / self.PROGRESS).unlink()
+            zarr.open_group(self.path, mode="r+").attrs.update(extra)
+            with atomic_path(self.final) as tmp:
+                os.rename(self.path, tmp)
+            return
+        keep = np.ones(len(self.coords), dtype=bool)
+        keep[self.failed] = False
+        with feature_writer(self.final, self.coords[keep], self.dim, extra) as writer:
+            pos = 0
+            for start in range(0, len(self.coords), self.chunk_rows):
+                stop = start + self.chunk_rows
+                part = self.array[start:stop][keep[start:stop]]
+                writer.write(pos, part)
+                pos += len(part)
+        self.discard()
 
 
 def open_store(path: str | os.PathLike[str]) -> zarr.Group:

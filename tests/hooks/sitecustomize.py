@@ -11,7 +11,9 @@ run, whose jobs inherit them. Without them this module does nothing.
     SIGKILL right after such an output is in place, before the job's other outputs are.
 ``WSI_ASMIL_KILL_AFTER_ROWS=<text>:<n>``
     SIGKILL a features job whose command line contains ``<text>`` once ``n`` feature rows are
-    written, in the middle of its store.
+    checkpointed, in the middle of its store.
+``WSI_ASMIL_ROWS_PER_CHUNK=<n>``
+    Features stores chunked by ``n`` rows (the checkpoint unit), so tiny test slides have several.
 ``WSI_ASMIL_KILL_GROUP=1``
     Kill the whole process group (Snakemake and every job) instead of the one process: the
     machine-dies case, where nobody is left to clean up.
@@ -27,7 +29,13 @@ import sys
 import time
 from contextlib import contextmanager
 
-_VARS = ("WSI_ASMIL_KILL_BEFORE_RENAME", "WSI_ASMIL_KILL_AFTER_RENAME", "WSI_ASMIL_KILL_AFTER_ROWS", "WSI_ASMIL_GATE")
+_VARS = (
+    "WSI_ASMIL_KILL_BEFORE_RENAME",
+    "WSI_ASMIL_KILL_AFTER_RENAME",
+    "WSI_ASMIL_KILL_AFTER_ROWS",
+    "WSI_ASMIL_GATE",
+    "WSI_ASMIL_ROWS_PER_CHUNK",
+)
 
 
 def _kill() -> None:
@@ -66,17 +74,20 @@ def _install() -> None:
     io.atomic_path = atomic_path
     from wsi_asmil import store
 
+    chunk = os.environ.get("WSI_ASMIL_ROWS_PER_CHUNK")
+    if chunk:
+        store.ROWS_PER_CHUNK = int(chunk)
     rows = os.environ.get("WSI_ASMIL_KILL_AFTER_ROWS")
     if rows:
         text, _, n = rows.rpartition(":")
-        write = store._RowWriter.write
+        write = store.PartialFeatures.write_chunk
 
-        def counting_write(self, start, batch):  # type: ignore[no-untyped-def]
-            write(self, start, batch)
-            if self.written >= int(n) and text in " ".join(sys.argv):  # argv is set by now
+        def counting_write(self, start, batch, failed):  # type: ignore[no-untyped-def]
+            write(self, start, batch, failed)
+            if self.rows_done >= int(n) and text in " ".join(sys.argv):  # argv is set by now
                 _kill()
 
-        store._RowWriter.write = counting_write
+        store.PartialFeatures.write_chunk = counting_write
 
 
 if any(os.environ.get(v) for v in _VARS):
