@@ -8,6 +8,8 @@ import torch
 from torch import nn
 
 ANCHOR_MODES = ("ema", "frozen_random")
+# The frozen random anchor is drawn from its own stream: seed = the global seed + this offset.
+ANCHOR_SEED_OFFSET = 1_000_003
 
 
 def reinitialize(module: nn.Module) -> None:
@@ -18,16 +20,35 @@ def reinitialize(module: nn.Module) -> None:
             reset()
 
 
+def reinitialize_aside(module: nn.Module) -> None:
+    """:func:`reinitialize` from a private random stream, leaving the global generators untouched.
+
+    Drawing the anchor from the global stream would shift every later draw (token dropout, ACMIL
+    masking), so an anchor ablation would also change the online model's random choices and the
+    comparison would mix the anchor's effect with a different random sequence. The private seed is
+    derived from the global one, so the anchor stays reproducible.
+    """
+    cuda = torch.cuda.is_initialized()
+    devices = list(range(torch.cuda.device_count())) if cuda else []
+    seed = (torch.initial_seed() + ANCHOR_SEED_OFFSET) % 2**63
+    with torch.random.fork_rng(devices=devices):
+        torch.random.default_generator.manual_seed(seed)
+        if cuda:
+            torch.cuda.manual_seed_all(seed)
+        reinitialize(module)
+
+
 class Anchor(nn.Module):
     """Holds the anchor copy of ``online``; never trained by the optimizer.
 
     ``ema`` (the paper): starts as an exact copy and follows the online weights by
     ``theta <- m * theta + (1 - m) * theta_online`` for every parameter and floating buffer after each
     optimizer step. ``frozen_random`` (the released code in practice): an independent random
-    initialisation that never changes, so its NSF target is near uniform and the loss acts as a
-    pull-to-uniform regulariser. Not a submodule of the online model, so it is neither in its
-    ``parameters()`` (hence not in the optimizer) nor in its checkpoint. Always in eval mode: its
-    logits must not depend on dropout.
+    initialisation (from a private random stream, see :func:`reinitialize_aside`) that never
+    changes, so its NSF target is near uniform and the loss acts as a pull-to-uniform regulariser.
+    Not a submodule of the online model, so it is neither in its ``parameters()`` (hence not in
+    the optimizer) nor in its checkpoint. Always in eval mode: its logits must not depend on
+    dropout.
     """
 
     def __init__(self, online: nn.Module, mode: str = "ema", momentum: float = 0.999) -> None:
@@ -40,7 +61,7 @@ class Anchor(nn.Module):
         self.momentum = momentum
         model = copy.deepcopy(online)
         if mode == "frozen_random":
-            reinitialize(model)
+            reinitialize_aside(model)
         model.requires_grad_(False)
         self.model = model.eval()
 
