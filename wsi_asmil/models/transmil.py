@@ -79,7 +79,8 @@ class NystromSelfAttention(nn.Module):
         self.out = nn.Linear(dim, dim)
         self.dropout = nn.Dropout(dropout)
         self.value_conv = nn.Conv2d(
-            n_heads, n_heads, (RESIDUAL_KERNEL, 1), padding=(RESIDUAL_KERNEL // 2, 0), groups=n_heads, bias=False
+            n_heads, n_heads, (RESIDUAL_KERNEL, 1), padding=(RESIDUAL_KERNEL // 2, 0), groups=n_heads,
+            bias=False,
         )
 
     def forward(
