@@ -5,8 +5,13 @@
 
 Prints (and writes ``comparison.md``) test macro F1, AUC and accuracy at the selected epoch,
 mean ± std over folds, and the attention instability (mean JSD over the last 10 epochs) for: ABMIL,
-ACMIL, ABMIL + Anchor/NSF, ASMIL with the EMA anchor (paper) and the frozen random anchor (released
-code), and ASMIL without the anchor, without NSF and without token dropout.
+ACMIL, TransMIL, ABMIL + Anchor/NSF, ASMIL with the EMA anchor (paper) and the frozen random anchor
+(released code), and ASMIL without the anchor, without NSF and without token dropout.
+
+Every variant trains from the same seed. The anchor rows of ASMIL (frozen random anchor, beta 0,
+softmax target) differ from the paper row only in the anchor term: the frozen random anchor is drawn
+from its own random stream, so token dropout makes the same choices in all of them.
+``--variants`` reruns some rows only (labels as in the table, e.g. ``--variants TransMIL ACMIL``).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from wsi_asmil.train import train_fold
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "ABMIL": ("abmil", {}),
     "ACMIL": ("acmil", {}),
+    "TransMIL": ("transmil", {}),
     "ABMIL + Anchor/NSF": ("abmil_anchor", {}),
     "ASMIL (ema anchor, paper)": ("asmil", {}),
     "ASMIL (frozen_random anchor, released code)": ("asmil", {"anchor_mode": "frozen_random"}),
@@ -35,9 +41,12 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-def run(features_dir: Path, split: dict, epochs: int, out: Path, seed: int) -> dict[str, Any]:
+def run(
+    features_dir: Path, split: dict, epochs: int, out: Path, seed: int, labels: list[str] | None = None
+) -> dict[str, Any]:
     results = {}
-    for label, (model, overrides) in VARIANTS.items():
+    for label in labels or list(VARIANTS):
+        model, overrides = VARIANTS[label]
         params = {"epochs": epochs, "seed": seed, "models": {model: overrides}}
         folds, seconds = [], time.perf_counter()
         for k in range(len(split["folds"])):
@@ -72,11 +81,12 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), metavar="LABEL", help="rows to run (default: all)")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger(__name__).setLevel(logging.INFO)
     split = make_split(args.labels, "kfold", args.folds, args.val_fraction, args.seed)
-    results = run(args.features_dir, split, args.epochs, args.out, args.seed)
+    results = run(args.features_dir, split, args.epochs, args.out, args.seed, args.variants)
     text = table(results, args.folds)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "comparison.md").write_text(text)
