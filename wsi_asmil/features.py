@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -264,6 +265,7 @@ def extract_slide(
     compile: bool = False,
 ) -> dict[str, Any]:
     """Embed every tile of a tiles store and write the features store atomically (resumably)."""
+    started = time.perf_counter()
     coords, _, tile_attrs = store.read_tiles(tiles_store)
     sid = tile_attrs["slide_id"]
     dev = resolve_device(device)
@@ -309,6 +311,10 @@ def extract_slide(
                 "disk) and rerun: finished slides are kept",
             ) from exc
         raise
+    seconds = time.perf_counter() - started
+    done = len(coords) - partial.resumed_from
+    gpu = f"; peak GPU memory {torch.cuda.max_memory_allocated(dev) / 2**20:.0f} MiB" if dev.type == "cuda" else ""
+    log.info("slide '%s': %d tiles in %.2f s (%.1f tiles/s)%s", sid, done, seconds, done / max(seconds, 1e-9), gpu)
     failed = partial.failed
     attrs.update(n_failed_tiles=len(failed))
     if failed:

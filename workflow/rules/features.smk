@@ -1,6 +1,7 @@
 
 # Settings that change speed, never results: not params, so editing them re-runs nothing.
-PERFORMANCE_ONLY = ("threads", "batch_size", "num_workers")
+PERFORMANCE_ONLY = ("threads", "batch_size", "num_workers", "compile")
+COMPILE_FLAG = "--compile" if config["features"]["compile"] else ""
 
 
 rule features:
@@ -26,4 +27,5 @@ rule features:
         "{PY} -m wsi_asmil.features --slide {input.slide:q} --tiles {input.tiles:q}"
         " --out {output.store:q} {params.args} {params.mpp} --threads {threads}"
         " --batch-size {config[features][batch_size]} --num-workers {config[features][num_workers]}"
+        " {COMPILE_FLAG}"
         " > {log:q} 2>&1"
