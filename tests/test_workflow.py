@@ -199,9 +199,13 @@ def test_nothing_to_do_after_a_run(finished_run: tuple[Path, dict]) -> None:
         ({"heatmap": {"fold": "ensemble"}}, {"attention": 2, "heatmap": 8, "localisation": 2, "report": 1}),
         ({"heatmap": {"device": "cpu"}}, {}),
         ({"predict": {"fold": 1}}, {"predict_attention": 2, "predict_heatmap": 2, "predict": 1, "report": 1}),
+        # A model added trains, scores and reports alone; settings of a model not trained change nothing.
+        ({"train": {"models": ["asmil", "abmil", "transmil"]}}, {"train": 2, "attention": 1, "localisation": 1, "report": 1,
+                                                                 "predict_attention": 1, "predict_heatmap": 1, "predict": 1}),
+        ({"train": {"transmil": {"dim": 64}}}, {}),
     ],
     ids=["segment", "tiling", "features", "speed-only", "train", "asmil-only", "abmil-only", "heatmap",
-         "localisation", "scoring-fold", "scoring-device", "predict-fold"],
+         "localisation", "scoring-fold", "scoring-device", "predict-fold", "model-added", "untrained-model"],
 )
 def test_config_edit_reruns_exactly_the_affected_stages(
     finished_run: tuple[Path, dict], edit: dict, expected: dict[str, int]

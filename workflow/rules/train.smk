@@ -20,7 +20,8 @@ rule split:
         " --out {output:q} {params.args} > {log:q} 2>&1"
 
 
-MODEL_KEYS = ("asmil", "abmil", "abmil_anchor", "acmil")
+# The per-model sections of train (asmil:, abmil:, ...): the only mappings in it, as the schema says.
+MODEL_KEYS = tuple(k for k, v in config["train"].items() if isinstance(v, dict))
 
 
 def train_params(wildcards):
