@@ -14,7 +14,7 @@ One run prints, per encoder, tiles per second for:
 * **ours, end to end**: ``python -m wsi_asmil.features`` from the slide file to a finished Zarr
   store (the real command, in its own process; the throughput is the one it logs, which excludes
   interpreter start and model build), with the peak memory of its process tree (sum of PSS over
-  the process and its reader workers, sampled every 0.1 s; GPU peak from the log);
+  the process and its reader workers, sampled every 0.5 s; GPU peak from the log);
 * **CLAM-style loop**: fp32, one OpenSlide ``read_region`` per tile in DataLoader workers, PIL
   resize + ToTensor + Normalize on the CPU, one DataLoader for the slide, results copied back per
   batch, on the first ``--clam-tiles`` tiles; and the ratio of ours to it.
@@ -194,7 +194,7 @@ def run_ours(slide: Path, tiles: Path, out: Path, encoder: str, args: argparse.N
         reader.start()
         while proc.poll() is None:
             peak = max(peak, _pss_mib(_tree(proc.pid)))
-            time.sleep(0.1)
+            time.sleep(0.5)
         reader.join()
     log = "".join(lines)
     (out / f"{encoder}.log").write_text(log)
@@ -345,7 +345,7 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=None, help="default: 512 on CUDA, 64 on CPU")
     p.add_argument("--workers", type=int, default=None, help="reader processes (default: cores - 1, at least 1)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: cores - workers)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores; reading JPEG tiles directly costs little)")
     p.add_argument("--compile", action="store_true", help="torch.compile the encoder")
     p.add_argument("--clam-tiles", type=int, default=None, help="tiles for the CLAM-style loop (default 20000 CUDA, 300 CPU)")
     p.add_argument("--check-tiles", type=int, default=256)
@@ -357,7 +357,7 @@ def main() -> None:
     cores = os.cpu_count() or 1
     args.batch_size = args.batch_size or (512 if cuda else 64)
     args.workers = args.workers if args.workers is not None else max(1, cores - 1)
-    args.threads = args.threads or max(1, cores - (0 if cuda else args.workers))
+    args.threads = args.threads or cores
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     size = tuple(int(v) for v in args.size.lower().split("x"))

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from wsi_asmil import store, tiff_jpeg
 from wsi_asmil.encoders import WeightsError, build_encoder
-from wsi_asmil.features import ChunkAlignedBatches, Embedder, extract_slide
+from wsi_asmil.features import ChunkAlignedBatches, Embedder, extract_slide, fold_batchnorm
 from wsi_asmil.segment import SegmentParams, segment_slide
 from wsi_asmil.slide import Slide
 from wsi_asmil.tiff_jpeg import JpegTiledLevel
@@ -46,6 +46,17 @@ def test_random_weights_are_seeded() -> None:
     assert torch.equal(wa, wb) and not torch.equal(wa, wc)
     assert a.dim == 512 and a.weights_id == "random(seed=0)"
     assert not any(p.requires_grad for p in a.model.parameters())
+
+
+def test_batchnorm_folding_changes_results_only_at_rounding() -> None:
+    enc = build_encoder("resnet18", "random")
+    folded = fold_batchnorm(enc.model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in enc.model.modules())  # the encoder is untouched
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 224, 224)
+    with torch.no_grad():
+        np.testing.assert_allclose(folded(x).numpy(), enc.model(x).numpy(), rtol=1e-3, atol=1e-4)
 
 
 def test_vit_small_dimension() -> None:
@@ -150,9 +161,6 @@ def test_interrupted_extraction_leaves_only_hidden_progress(real_slide: Path, re
 def test_resume_skips_finished_chunks_and_equals_uninterrupted(real_slide: Path, real_tiles: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(store, "ROWS_PER_CHUNK", 8)
     enc = build_encoder("resnet18", "random")
-    extract_slide(real_slide, real_tiles, tmp_path / "ref.zarr", enc, "cpu", "fp32", 4, 0)
-    ref = store.read_features(tmp_path / "ref.zarr")[0]
-
     calls: list[int] = []
 
     class Flaky(torch.nn.Module):
@@ -166,6 +174,9 @@ def test_resume_skips_finished_chunks_and_equals_uninterrupted(real_slide: Path,
                 raise RuntimeError("node lost")
             return enc.model(x)
 
+    extract_slide(real_slide, real_tiles, tmp_path / "ref.zarr", type(enc)(Flaky(None), enc.name, enc.spec, enc.dim, enc.weights_id), "cpu", "fp32", 4, 0)
+    ref = store.read_features(tmp_path / "ref.zarr")[0]
+    calls.clear()
     with pytest.raises(RuntimeError, match="node lost"):
         extract_slide(real_slide, real_tiles, tmp_path / "f.zarr", type(enc)(Flaky(7), enc.name, enc.spec, enc.dim, enc.weights_id), "cpu", "fp32", 4, 0)
     done = json.loads((tmp_path / ".f.zarr.partial" / "progress.json").read_text())["rows_done"]

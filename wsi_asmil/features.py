@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.fx.experimental.optimization import fuse as fx_fuse
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
@@ -212,6 +213,22 @@ def use_bf16(device: torch.device, precision: str) -> bool:
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
+def fold_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of a frozen CNN with each BatchNorm folded into the convolution before it.
+
+    At inference a BatchNorm is a fixed affine map, so folding it changes results only at float
+    rounding and saves a pass over every activation (about 20% of ResNet-18 on a 2-core CPU).
+    Models without BatchNorm, or that torch.fx cannot trace, are returned as they are.
+    """
+    if not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()):
+        return model
+    try:
+        return fx_fuse(model.eval())
+    except Exception as exc:  # an untraceable timm model still works, only unfused
+        log.info("BatchNorm left unfolded (%s: %s)", type(exc).__name__, exc)
+        return model
+
+
 class Embedder:
     """An encoder on a device, fed uint8 NHWC batches: resize and normalisation run on the device.
 
@@ -223,7 +240,7 @@ class Embedder:
         self.device = device
         self.bf16 = bf16
         self.size = encoder.spec.input_size
-        self.model = encoder.model.to(device).to(memory_format=torch.channels_last)
+        self.model = fold_batchnorm(encoder.model).to(device).to(memory_format=torch.channels_last)
         if compile:
             self.model = torch.compile(self.model, dynamic=False)
         shape = (1, 3, 1, 1)
