@@ -660,7 +660,8 @@ def _raise(exc: BaseException):  # type: ignore[no-untyped-def]
 )
 def test_out_of_memory_in_training_names_slide_bag_size_and_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exc: BaseException) -> None:
     from wsi_asmil.models.abmil import ABMIL
-    from wsi_asmil.train import BagMemoryError, train_fold
+    from wsi_asmil.memory import BagMemoryError
+    from wsi_asmil.train import train_fold
 
     features_dir, split = _tiny_fold(tmp_path)
     monkeypatch.setattr(ABMIL, "forward", _raise(exc))
@@ -676,7 +677,8 @@ def test_out_of_memory_in_training_names_slide_bag_size_and_settings(tmp_path: P
 
 def test_out_of_memory_in_evaluation_and_loading(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from wsi_asmil import train as train_module
-    from wsi_asmil.train import BagMemoryError, evaluate, load_bags
+    from wsi_asmil.memory import BagMemoryError
+    from wsi_asmil.train import evaluate, load_bags
 
     features_dir, split = _tiny_fold(tmp_path)
     oom = torch.cuda.OutOfMemoryError("CUDA out of memory.")

@@ -207,7 +207,7 @@ def leftovers(out: Path) -> list[str]:
 def test_out_of_memory_while_scoring_names_slide_tiles_and_settings(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exc: BaseException,
 ) -> None:
-    from wsi_asmil.train import BagMemoryError
+    from wsi_asmil.memory import BagMemoryError
 
     models = tmp_path / "models" / "asmil"
     write_models(models, "asmil")
@@ -233,7 +233,7 @@ def test_out_of_memory_advice_on_a_gpu_and_for_whole_bag_models() -> None:
 
 def test_out_of_memory_while_writing_leaves_neither_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from wsi_asmil import scoring
-    from wsi_asmil.train import BagMemoryError
+    from wsi_asmil.memory import BagMemoryError
 
     models = tmp_path / "models" / "abmil"
     write_models(models, "abmil")

@@ -36,7 +36,6 @@ shrink it, as training's and feature extraction's out-of-memory errors do.
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import logging
 import math
@@ -52,6 +51,7 @@ from wsi_asmil.canvas import Grid, blend, colour_table, lookup_mask, mean_values
 from wsi_asmil.cli import optional_float, setup_logging
 from wsi_asmil.io import atomic_path, write_image
 from wsi_asmil.slide import Slide
+from wsi_asmil.memory import is_out_of_memory
 from wsi_asmil.tile_geojson import OBJECT_TYPES, write_tile_geojson
 
 log = logging.getLogger(__name__)
@@ -61,24 +61,6 @@ NORMALIZE_MODES = ("rank", "uniform")
 
 class HeatmapMemoryError(RuntimeError):
     """Drawing a slide's heatmap does not fit in host memory; the message says what to change."""
-
-
-def is_host_out_of_memory(exc: BaseException) -> bool:
-    """A host allocation failure in any form drawing meets it (NumPy, OpenCV, the OS).
-
-    ``wsi_asmil.memory.is_out_of_memory`` also knows these, but it imports torch, which this
-    module never loads.
-    """
-    if isinstance(exc, MemoryError):
-        return True
-    if isinstance(exc, OSError) and exc.errno == errno.ENOMEM:
-        return True
-    text = str(exc).lower()
-    if isinstance(exc, cv2.error):
-        return "insufficient memory" in text or "failed to allocate" in text
-    return isinstance(exc, RuntimeError) and (
-        "out of memory" in text or "can't allocate memory" in text or "cannot allocate memory" in text
-    )
 
 
 def _memory_advice(mpp: float, out_mpp: float | None, max_edge: int | None, tiff_mpp: float | None) -> str:
@@ -303,7 +285,7 @@ def draw_slide(
     except BaseException as exc:
         for path in written:
             path.unlink(missing_ok=True)
-        if not isinstance(exc, Exception) or not is_host_out_of_memory(exc):
+        if not isinstance(exc, Exception) or not is_out_of_memory(exc):
             raise
         sid = meta.get("slide_id") or Path(scores_csv).name.removesuffix("_scores.csv")
         size = f", an overlay of {overlay['width']}x{overlay['height']} px" if overlay else ""

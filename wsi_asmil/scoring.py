@@ -26,7 +26,7 @@ computation to float rounding (``tests/test_scoring.py``). A model type without 
 (:data:`CHUNKED`) is scored on the whole bag, as before.
 
 An out-of-memory error becomes a message naming the slide, its tile count, the device and the
-settings to change (``wsi_asmil.train.oom_guard``), and the slide gets no outputs.
+settings to change (``wsi_asmil.memory.oom_guard``), and the slide gets no outputs.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from wsi_asmil import store
 from wsi_asmil.cli import setup_logging
 from wsi_asmil.io import write_csv, write_json
-from wsi_asmil.memory import is_out_of_memory
+from wsi_asmil.memory import BagMemoryError, oom_guard
 from wsi_asmil.models.abmil import ABMIL
 from wsi_asmil.models.acmil import ACMIL
 from wsi_asmil.models.asmil import ASMIL
@@ -428,7 +428,7 @@ def score_slides(
     Fold models are loaded once for the whole list, and each slide's features are read
     ``chunk_tiles`` rows at a time, so memory is the models, one chunk and a few numbers per tile,
     whatever the slide's size and the cohort's. Out of memory raises
-    ``wsi_asmil.train.BagMemoryError`` naming the slide and what to change; that slide has no outputs.
+    ``wsi_asmil.memory.BagMemoryError`` naming the slide and what to change; that slide has no outputs.
     """
     if chunk_tiles < 1:
         raise ValueError(f"chunk_tiles must be >= 1, got {chunk_tiles}")
@@ -482,25 +482,6 @@ def scoring_advice(device: torch.device, chunk_tiles: int, whole: bool = False) 
     )
 
 
-@contextlib.contextmanager
-def oom_guard(
-    what: str, slide_id: str, n_tiles: int, device: torch.device, advice: Callable[[], str],
-) -> Iterator[None]:
-    """``wsi_asmil.train.oom_guard``, imported only when an out-of-memory error needs its message:
-    importing ``wsi_asmil.train`` pulls in scikit-learn and SciPy (about 80 MB of resident memory)
-    that scoring would otherwise carry on every slide. ``advice`` is called then too, so it can
-    depend on what was loaded by the time memory ran out."""
-    try:
-        yield
-    except Exception as exc:
-        if not is_out_of_memory(exc):
-            raise
-        from wsi_asmil.train import oom_guard as train_oom_guard
-
-        with train_oom_guard(what, slide_id, n_tiles, device, advice()):
-            raise exc
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m wsi_asmil.scoring", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -519,11 +500,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         score_slides(args.features, args.models_dir, args.folds, args.out_dir, args.fold, args.split,
                      args.device, args.model_name, args.chunk_tiles)
-    except Exception as exc:
-        from wsi_asmil.train import BagMemoryError  # only on failure: see oom_guard
-
-        if not isinstance(exc, BagMemoryError):
-            raise
+    except BagMemoryError as exc:
         log.error("%s", exc)  # the message says what to change; no CUDA traceback
         raise SystemExit(1) from None
 

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from wsi_asmil.cli import setup_logging
 from wsi_asmil.io import atomic_path
-from wsi_asmil.memory import is_out_of_memory
+from wsi_asmil.memory import BagMemoryError, oom_guard
 from wsi_asmil.metrics import classification_metrics, last_mean, mean_jsd
 from wsi_asmil.models import Anchor, MILLoss, MILModel, build_model, model_spec, save_checkpoint
 
@@ -99,33 +99,6 @@ AutocastFactory = Callable[[], contextlib.AbstractContextManager[Any]]
 
 
 # --- out of memory -----------------------------------------------------------------------------------
-
-
-class BagMemoryError(RuntimeError):
-    """A bag (or a fold's bags) does not fit in memory; the message says what to change."""
-
-
-@contextlib.contextmanager
-def oom_guard(what: str, slide_id: str | None, n_tiles: int, device: torch.device | str, advice: str) -> Any:
-    """Turn an out-of-memory error into :class:`BagMemoryError` naming the slide, the bag size
-    and the setting to change, instead of a bare CUDA traceback. Other errors pass through.
-
-    ``what`` is the step ("training on", "evaluating", ...); also usable by inference stages.
-    """
-    try:
-        yield
-    except BagMemoryError:
-        raise
-    except Exception as exc:
-        if not is_out_of_memory(exc):
-            raise
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        subject = f"slide '{slide_id}'" if slide_id is not None else "the fold's slides"
-        raise BagMemoryError(
-            f"out of memory on {device} {what} {subject}, a bag of {n_tiles} tiles "
-            f"({exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). {advice}"
-        ) from exc
 
 
 def _train_advice(max_tiles: int | None) -> str:
