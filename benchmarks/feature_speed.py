@@ -8,12 +8,13 @@ One run prints, per encoder, tiles per second for:
 
 * **decode ceiling**: the read level's own JPEG tiles (those under tissue) decoded by every core
   with no model, counted as 224-px tiles' worth of pixels: what the machine's CPUs can feed;
-* **reader**: our DataLoader and tile reader with no model (the CPU side of the pipeline);
+* **reader**: our DataLoader and tile reader with no model (the CPU side of the pipeline), with
+  the direct JPEG reader and with OpenSlide;
 * **model ceiling**: the encoder on random uint8 batches already on the device, resize and
   normalisation included (``--batch-size``);
 * **ours, end to end**: ``python -m wsi_asmil.features`` from the slide file to a finished Zarr
   store (the real command, in its own process; the throughput is the one it logs, which excludes
-  interpreter start and model build), with the peak memory of its process tree (sum of PSS over
+  interpreter start and model build, also reported as the job's wall time), with the peak memory of its process tree (sum of PSS over
   the process and its reader workers, sampled every 0.5 s; GPU peak from the log);
 * **CLAM-style loop**: fp32, one OpenSlide ``read_region`` per tile in DataLoader workers, PIL
   resize + ToTensor + Normalize on the CPU, one DataLoader for the slide, results copied back per
@@ -132,7 +133,7 @@ def make_bench_slide(path: Path, width: int, height: int, seed: int = 0) -> None
     opts = {k: v for k, v in _TIFF_OPTIONS.items() if k != "compressionargs"}
     with tifffile.TiffWriter(tmp, bigtiff=True) as tw:
         tw.write(level0(), shape=(rows * TILE, cols * TILE, 3), dtype=np.uint8, description=desc, **opts)
-        tw.write(level1(), shape=(rows1 * TILE, cols1 * TILE, 3), dtype=np.uint8, description=desc, **opts)
+        tw.write(level1(), shape=(rows * TILE // 2, cols * TILE // 2, 3), dtype=np.uint8, description=desc, **opts)
         for img in (level8, level32):
             tw.write(img, description=desc, **_TIFF_OPTIONS)
     os.replace(tmp, path)
@@ -187,7 +188,7 @@ def run_ours(slide: Path, tiles: Path, out: Path, encoder: str, args: argparse.N
            "--batch-size", str(args.batch_size), "--num-workers", str(args.workers), "--threads", str(args.threads)]
     if args.compile:
         cmd.append("--compile")
-    peak = 0.0
+    peak, started = 0.0, time.perf_counter()
     with subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True) as proc:
         lines: list[str] = []
         reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
@@ -196,6 +197,7 @@ def run_ours(slide: Path, tiles: Path, out: Path, encoder: str, args: argparse.N
             peak = max(peak, _pss_mib(_tree(proc.pid)))
             time.sleep(0.5)
         reader.join()
+    wall = time.perf_counter() - started
     log = "".join(lines)
     (out / f"{encoder}.log").write_text(log)
     m = re.search(r"(\d+) tiles in ([\d.]+) s \(([\d.]+) tiles/s", log)
@@ -203,6 +205,7 @@ def run_ours(slide: Path, tiles: Path, out: Path, encoder: str, args: argparse.N
         raise SystemExit(f"features run failed ({proc.returncode}):\n{log[-3000:]}")
     gpu = re.search(r"peak GPU memory ([\d.]+) MiB", log)
     return {"tiles": int(m.group(1)), "seconds": float(m.group(2)), "tiles_per_s": float(m.group(3)),
+            "job_wall_seconds": round(wall, 2),
             "peak_pss_mib": round(peak), "peak_gpu_mib": float(gpu.group(1)) if gpu else None,
             "reader": re.search(r"\((\w+), ([\w-]+) reads\)", log).group(2)}
 
@@ -374,8 +377,13 @@ def main() -> None:
         results["decode_ceiling"] = decode_ceiling(slide, plan, coords, cores)
         print("decode ceiling", results["decode_ceiling"], flush=True)
     if "reader" not in args.skip:
-        results["reader"] = reader_ceiling(slide, coords, plan, args.workers, args.batch_size, 20_000 if cuda else 2_000)
-        print("reader, no model", results["reader"], flush=True)
+        n = 20_000 if cuda else 2_000
+        results["reader"] = reader_ceiling(slide, coords, plan, args.workers, args.batch_size, n)
+        print(f"reader ({plan.reader}), no model", results["reader"], flush=True)
+        if plan.reader != "openslide":
+            via_openslide = ReadPlan(plan.level, plan.downsample, plan.read_size, "openslide")
+            results["reader_openslide"] = reader_ceiling(slide, coords, via_openslide, args.workers, args.batch_size, n)
+            print("reader (openslide), no model", results["reader_openslide"], flush=True)
     for encoder in args.encoders:
         r: dict = {}
         if "model" not in args.skip:

@@ -228,3 +228,24 @@ def test_reads_are_direct_where_they_match_openslide(real_slide: Path, real_tile
     monkeypatch.setattr(JpegTiledLevel, "find", staticmethod(without_rgb_marker))
     guarded = extract_slide(real_slide, real_tiles, tmp_path / "g.zarr", enc, "cpu", "fp32", 16, 0)
     assert guarded["reader"] == "openslide"
+
+
+def test_direct_reads_at_a_non_integer_downsample(tmp_path: Path) -> None:
+    """A 4097 px wide scan has a 2.0005x level: OpenSlide resamples to sub-pixel origins there, the
+    direct reader starts at whole pixels; it is still used, and the features barely differ."""
+    from wsi_asmil.synthetic import SlideSpec, write_slide
+
+    slide = tmp_path / "odd.svs"
+    write_slide(slide, SlideSpec(4097, 3073, mpp=0.25, tumour=True, seed=4, tissue_coverage=0.7))
+    segment_slide(slide, tmp_path / "seg", SegmentParams())
+    tile_slide(slide, tmp_path / "seg", tmp_path / "t.zarr", tmp_path / "g.png", TileParams())
+    coords, _, tattrs = store.read_tiles(tmp_path / "t.zarr")
+    with Slide(slide) as s:
+        assert tattrs["read_level"] == 1 and s.level_downsamples[1] != 2.0
+    enc = build_encoder("resnet18", "random")
+    direct = extract_slide(slide, tmp_path / "t.zarr", tmp_path / "d.zarr", enc, "cpu", "fp32", 16, 0)
+    extract_slide(slide, tmp_path / "t.zarr", tmp_path / "o.zarr", enc, "cpu", "fp32", 16, 0, reader="openslide")
+    assert direct["reader"] == "jpeg-direct" and len(coords) > 20
+    a, b = store.read_features(tmp_path / "d.zarr")[0], store.read_features(tmp_path / "o.zarr")[0]
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    assert cos.min() > 0.98

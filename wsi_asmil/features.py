@@ -56,10 +56,14 @@ log = logging.getLogger(__name__)
 #: More undecodable tiles than this share of a slide's tiles fails the slide: the file is damaged
 #: (truncated, corrupt), and features of what is left would silently misrepresent it.
 MAX_FAILED_FRACTION = 0.5
-#: Mean absolute difference (8-bit levels) from OpenSlide's pixels above which the direct JPEG
-#: reader is not trusted for a slide. A wrong colour space differs by tens of levels; OpenSlide's
-#: sub-pixel placement of a level's origin by well under one.
-DIRECT_READER_TOLERANCE = 1.0
+#: Mean absolute difference (8-bit levels) between 8 x 8-pixel block means of the direct JPEG
+#: reader's tile and OpenSlide's, above which the direct reader is not trusted for a slide. A wrong
+#: colour space or table differs by tens of levels. Block means, because where a level's downsample
+#: is not an integer (4.0002 on many scanners) OpenSlide places a level-0 origin at a fractional
+#: level pixel and resamples, while the direct reader starts at the nearest whole pixel: up to half
+#: a pixel apart, which moves single pixels of textured tissue by several levels but block means
+#: by a fraction of one.
+DIRECT_READER_TOLERANCE = 1.5
 
 
 class FeatureExtractionError(RuntimeError):
@@ -94,8 +98,8 @@ class ReadPlan:
 
     def _agrees(self, direct: JpegTiledLevel, slide: Slide, xy: np.ndarray) -> bool:
         try:
-            ours = self.read_direct(direct, int(xy[0]), int(xy[1])).astype(np.float32)
-            theirs = slide.read_rgb(self.level, int(xy[0]), int(xy[1]), *self.read_size).astype(np.float32)
+            ours = _block_means(self.read_direct(direct, int(xy[0]), int(xy[1])))
+            theirs = _block_means(slide.read_rgb(self.level, int(xy[0]), int(xy[1]), *self.read_size))
         except (RegionReadError, ValueError, OSError) as exc:
             log.info("slide '%s': direct JPEG reads not used (%s)", slide.slide_id, exc)
             return False
@@ -111,6 +115,11 @@ class ReadPlan:
     def read_direct(self, direct: JpegTiledLevel, x0: int, y0: int) -> np.ndarray:
         lx, ly = int(round(x0 / self.downsample)), int(round(y0 / self.downsample))
         return direct.read(lx, ly, *self.read_size)
+
+
+def _block_means(rgb: np.ndarray, block: int = 8) -> np.ndarray:
+    h, w = (rgb.shape[0] // block) * block, (rgb.shape[1] // block) * block
+    return rgb[:h, :w].reshape(h // block, block, w // block, block, 3).astype(np.float32).mean(axis=(1, 3))
 
 
 class TileDataset(Dataset):
