@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 CORES  ?= 8
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-all test-slurm clean-demo
+.PHONY: install demo test test-all test-slurm test-slow clean-demo
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ test: $(STAMP)
 ## slurm-client munge. Fails, rather than skips, when they are missing.
 test-slurm: $(STAMP)
 	PATH=$(abspath $(BIN)):$$PATH WSI_ASMIL_REQUIRE_SLURM=1 $(BIN)/python -m pytest -m slurm -q
+
+## The slow end-to-end tests: SIGKILL through Snakemake, a bad cohort, the 50-slide soak (CI runs them).
+test-slow: $(STAMP)
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -m "slow and not slurm" -q
 
 ## Everything, including the slow end-to-end tests.
 test-all: $(STAMP)
