@@ -48,7 +48,7 @@ from conftest import physical_pattern, write_generic_tiff
 from wsi_asmil import store
 from wsi_asmil.cohort import LabelTableError, check_split_feasible, match_cohort
 from wsi_asmil.encoders import build_encoder
-from wsi_asmil.features import FeatureExtractionError, extract_slide
+from wsi_asmil.features import Embedder, FeatureExtractionError, extract_slide
 from wsi_asmil.inventory import probe_slide
 from wsi_asmil.segment import SegmentParams, segment_slide
 from wsi_asmil.slide import RegionReadError, Slide, SlideError, discover_slides
@@ -396,10 +396,10 @@ def test_sigkill_in_tiling_then_rerun_equals_uninterrupted(corrupt_pair: dict[st
     np.testing.assert_array_equal(frac, ref_frac)
 
 
-def test_sigkill_in_features_then_rerun_resumes_and_equals_uninterrupted(corrupt_pair: dict[str, Path], tmp_path: Path) -> None:
+def test_sigkill_in_features_then_rerun_resumes_and_equals_uninterrupted(corrupt_pair: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "features" / "intact.zarr"
     cmd = [PY, "-m", "wsi_asmil.features", "--slide", str(corrupt_pair["intact"]), "--tiles", str(corrupt_pair["tiles"]),
-           "--out", str(out), "--device", "cpu", "--precision", "fp32", "--batch-size", "2", "--num-workers", "0", "--threads", "1"]
+           "--out", str(out), "--device", "cpu", "--precision", "fp32", "--batch-size", "4", "--num-workers", "0", "--threads", "1"]
     env = hook_env(WSI_ASMIL_KILL_AFTER_ROWS="intact.zarr:4", WSI_ASMIL_ROWS_PER_CHUNK="4")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert _killed(proc), proc.stderr
@@ -409,12 +409,10 @@ def test_sigkill_in_features_then_rerun_resumes_and_equals_uninterrupted(corrupt
     n_tiles = len(store.read_tiles(corrupt_pair["tiles"])[0])
     assert progress["rows_done"] == 4 and n_tiles == 12
 
-    enc = random_encoder()
     seen = []
-    model = enc.model
-    counting = type(enc)(torch.nn.Sequential(), enc.name, enc.spec, enc.dim, enc.weights_id)
-    counting.model.forward = lambda x: (seen.append(len(x)), model(x))[1]  # type: ignore[method-assign]
-    extract_slide(corrupt_pair["intact"], corrupt_pair["tiles"], out, counting, "cpu", "fp32", 4, 0)
+    embed = Embedder.__call__
+    monkeypatch.setattr(Embedder, "__call__", lambda self, tiles: (seen.append(len(tiles)), embed(self, tiles))[1])
+    extract_slide(corrupt_pair["intact"], corrupt_pair["tiles"], out, random_encoder(), "cpu", "fp32", 4, 0)
     assert sum(seen) == n_tiles - 4  # the finished chunk was not embedded again
     np.testing.assert_array_equal(store.read_features(out)[0], store.read_features(corrupt_pair["features"])[0])
     assert [p.name for p in out.parent.iterdir()] == ["intact.zarr"]  # the scratch became the store
