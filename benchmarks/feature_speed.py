@@ -51,7 +51,8 @@ import torch
 
 from wsi_asmil import store
 from wsi_asmil.encoders import build_encoder
-from wsi_asmil.features import Embedder, ReadPlan, TileDataset, _as_batch, resolve_device, use_bf16
+from wsi_asmil.devices import resolve_device
+from wsi_asmil.features import Embedder, ReadPlan, TileDataset, _as_batch, use_bf16
 from wsi_asmil.segment import SegmentParams, segment_slide
 from wsi_asmil.slide import Slide
 from wsi_asmil.synthetic import SlideSpec, write_slide

@@ -46,6 +46,7 @@ from tqdm import tqdm
 
 from wsi_asmil import store
 from wsi_asmil.cli import add_slide_args, setup_logging
+from wsi_asmil.devices import resolve_device
 from wsi_asmil.encoders import Encoder, build_encoder
 from wsi_asmil.memory import is_out_of_memory
 from wsi_asmil.slide import RegionReadError, Slide, SlideError
@@ -205,12 +206,6 @@ class ChunkAlignedBatches(Sampler[list[int]]):
 def _as_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """The dataset already returns a stacked batch; DataLoader must not collate it again."""
     return batch
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def use_bf16(device: torch.device, precision: str) -> bool:

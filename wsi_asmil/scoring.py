@@ -47,6 +47,7 @@ import torch.nn.functional as F
 
 from wsi_asmil import store
 from wsi_asmil.cli import setup_logging
+from wsi_asmil.devices import resolve_device
 from wsi_asmil.io import write_csv, write_json
 from wsi_asmil.memory import BagMemoryError, oom_guard
 from wsi_asmil.models.abmil import ABMIL
@@ -89,16 +90,6 @@ def choose_folds(fold_mode: str | int, slide_id: str, n_folds: int, split: dict[
                 return [k]
         return list(range(n_folds))
     raise ValueError(f"fold must be one of {FOLD_MODES} or a fold number, got {fold_mode!r}")
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` is CUDA when present; asking for CUDA without it is an error, not a silent CPU run."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} requested but CUDA is not available")
-    return dev
 
 
 class FoldModels:

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from wsi_asmil.cli import setup_logging
+from wsi_asmil.devices import resolve_device, to_device
 from wsi_asmil.io import atomic_path
 from wsi_asmil.memory import BagMemoryError, oom_guard
 from wsi_asmil.metrics import classification_metrics, last_mean, mean_jsd
@@ -284,14 +285,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda requested but CUDA is not available")
-    return torch.device(device)
-
-
 def autocast_factory(device: torch.device, amp: bool) -> AutocastFactory:
     """bf16 autocast on CUDA when asked; a no-op context otherwise (CPU runs stay exact fp32)."""
     if amp and device.type == "cuda":
@@ -354,17 +347,6 @@ def build_trainer(
 
 
 LOSS_KEYS = ("loss", "ce", "as", "aux")
-
-
-def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on ``device`` without stalling the host: pinned and asynchronous on CUDA.
-
-    A plain ``.to("cuda")`` from pageable memory waits for the GPU to finish everything queued.
-    The pinned block is recycled only after the copy completes (PyTorch records the copy's event).
-    """
-    if device.type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
 
 
 def train_one_epoch(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from wsi_asmil.devices import to_device
 from wsi_asmil.models.attention import MultiHeadCrossAttention
 from wsi_asmil.models.base import MILModel
 from wsi_asmil.models.norm import FeatureNorm
@@ -94,7 +95,7 @@ class ASMIL(MILModel):
         token_vectors, attn_logits = self.token_attention(self.tokens, self.reduce(self.prepare(bag)))
         if self.training and self.token_drop > 0:
             keep = select_tokens(self.n_tokens, self.token_drop, self.token_drop_mode)
-            token_vectors = token_vectors[keep.to(token_vectors.device)]
+            token_vectors = token_vectors.index_select(0, to_device(keep, token_vectors.device))
         cls = self.cls_token
         for layer in self.aggregator:
             cls, _ = layer(cls, token_vectors)

@@ -1,0 +1,26 @@
+"""Where tensors run: one reading of the ``device`` settings and one stall-free host-to-device copy."""
+
+from __future__ import annotations
+
+import torch
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` is CUDA when present; asking for CUDA without it is an error, not a silent CPU run."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} requested but CUDA is not available")
+    return dev
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without stalling the host: pinned and asynchronous on CUDA.
+
+    A plain ``.to("cuda")`` from pageable memory waits for the GPU to finish everything queued.
+    The pinned block is recycled only after the copy completes (PyTorch records the copy's event).
+    """
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
