@@ -80,16 +80,20 @@ class Anchor(nn.Module):
         if self.mode != "ema":
             return
         m = self.momentum
-        for (name, mine), (other_name, theirs) in zip(
+        mine, theirs = [], []
+        for (name, a), (other_name, b) in zip(
             self.model.named_parameters(), online.named_parameters(), strict=True
         ):
             if name != other_name:
                 raise ValueError(f"anchor and online parameters differ: {name} vs {other_name}")
-            mine.mul_(m).add_(theirs.detach(), alpha=1.0 - m)
-        for (name, mine), (_, theirs) in zip(
-            self.model.named_buffers(), online.named_buffers(), strict=True
-        ):
-            if mine.is_floating_point():
-                mine.mul_(m).add_(theirs.detach(), alpha=1.0 - m)
+            mine.append(a)
+            theirs.append(b.detach())
+        for a, b in zip(self.model.buffers(), online.buffers(), strict=True):
+            if a.is_floating_point():
+                mine.append(a)
+                theirs.append(b.detach())
             else:
-                mine.copy_(theirs)
+                a.copy_(b)
+        # One fused kernel per operation for all tensors, not two per tensor: the same arithmetic.
+        torch._foreach_mul_(mine, m)
+        torch._foreach_add_(mine, theirs, alpha=1.0 - m)
