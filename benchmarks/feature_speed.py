@@ -56,7 +56,7 @@ from wsi_asmil.features import Embedder, ReadPlan, TileDataset, _as_batch, use_b
 from wsi_asmil.segment import SegmentParams, segment_slide
 from wsi_asmil.slide import Slide
 from wsi_asmil.synthetic import SlideSpec, write_slide
-from wsi_asmil.synthetic.aperio import _TIFF_OPTIONS
+from wsi_asmil.synthetic.aperio import TIFF_OPTIONS
 from wsi_asmil.tiff_jpeg import JpegTiledLevel
 from wsi_asmil.tile import TileParams, tile_slide
 
@@ -131,12 +131,12 @@ def make_bench_slide(path: Path, width: int, height: int, seed: int = 0) -> None
     desc = (f"Aperio Image Library v12.0.15\r\n{width}x{height} [0,0 {width}x{height}] ({TILE}x{TILE}) "
             f"JPEG/RGB Q=80|AppMag = 40|MPP = {MPP:.4f}|ScanScope ID = BENCHMARK")
     tmp = path.with_name(f".{path.name}.tmp")
-    opts = {k: v for k, v in _TIFF_OPTIONS.items() if k != "compressionargs"}
+    opts = {k: v for k, v in TIFF_OPTIONS.items() if k != "compressionargs"}
     with tifffile.TiffWriter(tmp, bigtiff=True) as tw:
         tw.write(level0(), shape=(rows * TILE, cols * TILE, 3), dtype=np.uint8, description=desc, **opts)
         tw.write(level1(), shape=(rows * TILE // 2, cols * TILE // 2, 3), dtype=np.uint8, description=desc, **opts)
         for img in (level8, level32):
-            tw.write(img, description=desc, **_TIFF_OPTIONS)
+            tw.write(img, description=desc, **TIFF_OPTIONS)
     os.replace(tmp, path)
 
 

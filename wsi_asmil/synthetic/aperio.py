@@ -31,7 +31,8 @@ def _aperio_description(spec: SlideSpec, level_width: int, level_height: int) ->
     return f"{head} JPEG/RGB Q={JPEG_QUALITY}|AppMag = {mag}|MPP = {spec.mpp:.4f}|ScanScope ID = SYNTHETIC"
 
 
-_TIFF_OPTIONS: dict[str, Any] = {
+#: How every level of a synthetic slide is written (also by the feature benchmark's slide writer).
+TIFF_OPTIONS: dict[str, Any] = {
     "tile": (TILE, TILE),
     "photometric": "rgb",
     "compression": "jpeg",
@@ -64,7 +65,7 @@ def write_slide(path: str | os.PathLike[str], spec: SlideSpec) -> SlideTruth:
                 shape=(spec.height, spec.width, 3),
                 dtype=np.uint8,
                 description=_aperio_description(spec, spec.width, spec.height),
-                **_TIFF_OPTIONS,
+                **TIFF_OPTIONS,
             )
             for level in levels:
                 tw.write(
@@ -72,6 +73,6 @@ def write_slide(path: str | os.PathLike[str], spec: SlideSpec) -> SlideTruth:
                     shape=(level.height, level.width, 3),
                     dtype=np.uint8,
                     description=_aperio_description(spec, level.width, level.height),
-                    **_TIFF_OPTIONS,
+                    **TIFF_OPTIONS,
                 )
     return layout.truth()
