@@ -43,7 +43,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
 from wsi_asmil import store
 from wsi_asmil.cli import setup_logging
@@ -53,7 +52,6 @@ from wsi_asmil.memory import BagMemoryError, oom_guard
 from wsi_asmil.models.abmil import ABMIL
 from wsi_asmil.models.acmil import ACMIL
 from wsi_asmil.models.asmil import ASMIL
-from wsi_asmil.models.attention import MultiHeadCrossAttention
 from wsi_asmil.models.base import MILModel
 from wsi_asmil.models.registry import load_model
 
@@ -223,25 +221,10 @@ def _asmil_tiles(model: ASMIL, x: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return model.token_attention.attention_logits(model.tokens, h).flatten(0, 1), h
 
 
-def cross_attention_output(att: MultiHeadCrossAttention, pooled: torch.Tensor) -> torch.Tensor:
-    """``MultiHeadCrossAttention.forward``'s output from the softmax-pooled inputs (Q, H, D) on."""
-    n_q, h, dh = pooled.shape[0], att.n_heads, att.head_dim
-    v_weight = att._per_query(att.v_weight, n_q).view(n_q, h, dh, att.dim)
-    v_bias = att._per_query(att.v_bias, n_q).view(n_q, h, dh)
-    values = (torch.einsum("qhd,qhed->qhe", pooled, v_weight) + v_bias).reshape(n_q, att.dim)
-    out = att.dropout(att._linear("o", values))
-    out = F.layer_norm(out, (att.dim,), eps=att.eps)
-    return out * att._per_query(att.norm_weight, n_q) + att._per_query(att.norm_bias, n_q)
-
-
 def _asmil_head(model: ASMIL, pooled: torch.Tensor) -> torch.Tensor:
     att = model.token_attention
     per_query = pooled.view(att.n_heads, model.n_tokens, -1).transpose(0, 1)  # (N, H, D)
-    cls = model.cls_token
-    tokens = cross_attention_output(att, per_query)
-    for layer in model.aggregator:  # the CLS token attends over the N token vectors, not the tiles
-        cls, _ = layer(cls, tokens)
-    return model.classifier(cls[0])
+    return model.classify(att.project_pooled(per_query))
 
 
 #: Model classes with a chunked scoring path (exact types: a subclass may change ``forward``).

@@ -96,7 +96,12 @@ class ASMIL(MILModel):
         if self.training and self.token_drop > 0:
             keep = select_tokens(self.n_tokens, self.token_drop, self.token_drop_mode)
             token_vectors = token_vectors.index_select(0, to_device(keep, token_vectors.device))
+        return {"logits": self.classify(token_vectors), "attn_logits": attn_logits}
+
+    def classify(self, token_vectors: torch.Tensor) -> torch.Tensor:
+        """Class logits (C,) from the FEAT token vectors (N, dim): the CLS token attends over
+        them, never over the tiles."""
         cls = self.cls_token
         for layer in self.aggregator:
             cls, _ = layer(cls, token_vectors)
-        return {"logits": self.classifier(cls[0]), "attn_logits": attn_logits}
+        return self.classifier(cls[0])

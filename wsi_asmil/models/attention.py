@@ -98,14 +98,18 @@ class MultiHeadCrossAttention(nn.Module):
     def forward(
         self, queries: torch.Tensor, x: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        n_q, h, dh = queries.shape[0], self.n_heads, self.head_dim
         logits = self.attention_logits(queries, x)
         weights = torch.softmax(logits, dim=-1)
         pooled = torch.einsum("hqm,md->qhd", weights.to(x.dtype), x)
+        return self.project_pooled(pooled), logits
+
+    def project_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The output (Q, dim) from the softmax-pooled inputs (Q, H, D): values, output projection
+        and norm. Public so scoring can pool a bag chunk by chunk and finish here."""
+        n_q, h, dh = pooled.shape[0], self.n_heads, self.head_dim
         v_weight = self._per_query(self.v_weight, n_q).view(n_q, h, dh, self.dim)
         v_bias = self._per_query(self.v_bias, n_q).view(n_q, h, dh)
         values = (torch.einsum("qhd,qhed->qhe", pooled, v_weight) + v_bias).reshape(n_q, self.dim)
         out = self.dropout(self._linear("o", values))
         out = F.layer_norm(out, (self.dim,), eps=self.eps)
-        out = out * self._per_query(self.norm_weight, n_q) + self._per_query(self.norm_bias, n_q)
-        return out, logits
+        return out * self._per_query(self.norm_weight, n_q) + self._per_query(self.norm_bias, n_q)
