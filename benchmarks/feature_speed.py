@@ -234,9 +234,7 @@ def decode_ceiling(slide: Path, plan: ReadPlan, coords: np.ndarray, cores: int) 
     keys: set[int] = set()
     for x, y in coords:
         lx, ly = int(round(x / plan.downsample)), int(round(y / plan.downsample))
-        for r in range(ly // level.tile_h, (ly + plan.read_size[1] - 1) // level.tile_h + 1):
-            for c in range(lx // level.tile_w, (lx + plan.read_size[0] - 1) // level.tile_w + 1):
-                keys.add(r * level.cols + c)
+        keys.update(r * level.cols + c for r, c in level.tiles_under(lx, ly, *plan.read_size))
     order = sorted(keys)
     parts = [(str(slide), size, order[i::cores]) for i in range(cores)]
     with mp.get_context("fork").Pool(cores) as pool:

@@ -164,10 +164,6 @@ class TileDataset(Dataset):
                 pass  # let OpenSlide decide, and name the region, when the direct decode fails
         return self._slide.read_rgb(self.plan.level, x, y, *self.plan.read_size)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        tiles, ok = self.__getitems__([i])
-        return tiles[0], ok[0]
-
     def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(uint8 tiles (B, h, w, 3), read ok (B,)); a tile that cannot be decoded is blank, not ok."""
         if self._slide is None:
@@ -259,7 +255,7 @@ class Embedder:
         x = ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             out = self.model(x)
-        return out.float().to(torch.float16)
+        return out.to(torch.float16)
 
 
 def fingerprint(coords: np.ndarray, attrs: dict[str, Any]) -> str:

@@ -137,11 +137,9 @@ class PartialFeatures:
         self.dim = dim
         self.attrs = attrs
         self.fingerprint = fingerprint
-        progress = self._load_progress()
-        if progress is not None and progress.get("fingerprint") == fingerprint:
-            self.rows_done = int(progress["rows_done"])
-            self.failed: list[int] = [int(i) for i in progress["failed"]]
-            self.array = zarr.open_group(self.path, mode="r+")["features"]
+        resumed = self._resume()
+        if resumed is not None:
+            self.array, self.rows_done, self.failed = resumed
         else:
             shutil.rmtree(self.path, ignore_errors=True)
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -167,13 +165,16 @@ class PartialFeatures:
     def chunk_rows(self) -> int:
         return int(self.array.chunks[0])
 
-    def _load_progress(self) -> dict[str, Any] | None:
+    def _resume(self) -> tuple[zarr.Array, int, list[int]] | None:
+        """(features array, rows done, failed rows) of a scratch store this run may continue."""
         try:
             progress = json.loads((self.path / self.PROGRESS).read_text())
-            zarr.open_group(self.path, mode="r")["features"]
-        except (OSError, ValueError, KeyError):
+            if progress.get("fingerprint") != self.fingerprint:
+                return None
+            array = zarr.open_group(self.path, mode="r+")["features"]
+            return array, int(progress["rows_done"]), [int(i) for i in progress["failed"]]
+        except (OSError, ValueError, KeyError, AttributeError):
             return None
-        return progress if isinstance(progress, dict) else None
 
     def _save_progress(self) -> None:
         write_json(

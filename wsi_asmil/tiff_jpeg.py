@@ -142,15 +142,19 @@ class JpegTiledLevel:
         if x0 >= x1 or y0 >= y1:
             return out
         self._descriptor()
-        for row in range(y0 // self.tile_h, (y1 - 1) // self.tile_h + 1):
-            ty = row * self.tile_h
-            for col in range(x0 // self.tile_w, (x1 - 1) // self.tile_w + 1):
-                tx = col * self.tile_w
-                tile = self.decode(row, col)
-                ax, ay = max(x0, tx), max(y0, ty)
-                bx, by = min(x1, tx + self.tile_w), min(y1, ty + self.tile_h)
-                out[ay - y : by - y, ax - x : bx - x] = tile[ay - ty : by - ty, ax - tx : bx - tx]
+        for row, col in self.tiles_under(x0, y0, x1 - x0, y1 - y0):
+            tx, ty = col * self.tile_w, row * self.tile_h
+            tile = self.decode(row, col)
+            ax, ay = max(x0, tx), max(y0, ty)
+            bx, by = min(x1, tx + self.tile_w), min(y1, ty + self.tile_h)
+            out[ay - y : by - y, ax - x : bx - x] = tile[ay - ty : by - ty, ax - tx : bx - tx]
         return out
+
+    def tiles_under(self, x: int, y: int, width: int, height: int) -> list[tuple[int, int]]:
+        """(row, col) of every file tile a region inside the level overlaps, in file order."""
+        rows = range(y // self.tile_h, (y + height - 1) // self.tile_h + 1)
+        cols = range(x // self.tile_w, (x + width - 1) // self.tile_w + 1)
+        return [(r, c) for r in rows for c in cols]
 
     def close(self) -> None:
         if self._fd is not None and self._pid == os.getpid():
