@@ -82,8 +82,22 @@ def check(proc: subprocess.CompletedProcess, what: str, extra: str = "") -> None
         )
 
 
+def _foreign(line: str) -> bool:
+    """An unindented line that is not Snakemake's (a timestamp, a job header, the job stats).
+
+    The executor plugin logs from another thread ("No SLURM account given, trying to guess.") into
+    the middle of a job or group block: such a line is skipped, not taken as the block's end.
+    """
+    if not line or line[0].isspace() or _HEADER.match(line):
+        return False
+    return not line.startswith(("[", "Job stats", "Group job"))
+
+
 def group_blocks(text: str) -> list[list[dict]]:
-    """The member jobs of every "Group job" Snakemake announces."""
+    """The member jobs of every "Group job" Snakemake announces.
+
+    A group's indented body ends at Snakemake's next top-level entry.
+    """
     lines = text.splitlines()
     groups = []
     for i, line in enumerate(lines):
@@ -91,7 +105,9 @@ def group_blocks(text: str) -> list[list[dict]]:
             continue
         body = []
         for member in lines[i + 1 :]:
-            if member.strip() and not member[0].isspace():
+            if _foreign(member):
+                continue
+            if member and not member[0].isspace():
                 break
             body.append(member)
         groups.append(job_blocks("\n".join(body)))
@@ -119,6 +135,8 @@ def job_blocks(text: str) -> list[dict]:
         indent = len(m.group(1))
         block = {"kind": m.group(2), "rule": m.group(3), "wildcards": "", "resources": {}}
         for field in lines[i + 1 :]:
+            if _foreign(field):
+                continue
             if not field.strip() or len(field) - len(field.lstrip()) <= indent or _HEADER.match(field):
                 break
             key, _, value = field.strip().partition(": ")
