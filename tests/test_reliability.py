@@ -31,6 +31,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -50,6 +51,7 @@ from wsi_asmil.cohort import LabelTableError, check_split_feasible, match_cohort
 from wsi_asmil.encoders import build_encoder
 from wsi_asmil.features import Embedder, FeatureExtractionError, extract_slide
 from wsi_asmil.inventory import probe_slide
+from wsi_asmil.io import write_text
 from wsi_asmil.segment import SegmentParams, segment_slide
 from wsi_asmil.slide import RegionReadError, Slide, SlideError, discover_slides
 from wsi_asmil.synthetic import SlideSpec, write_slide
@@ -390,10 +392,40 @@ def test_sigkill_in_tiling_then_rerun_equals_uninterrupted(corrupt_pair: dict[st
     assert not out.exists()  # fully written, but only under its temporary name
     assert [p.name.startswith(".intact.zarr.tmp-") for p in out.parent.iterdir()] == [True]
     subprocess.run(cmd, check=True, capture_output=True)
+    assert [p.name for p in out.parent.iterdir()] == ["intact.zarr"]  # the rerun removed the leftover
     coords, frac, attrs = store.read_tiles(out)
     ref_coords, ref_frac, ref_attrs = store.read_tiles(corrupt_pair["tiles"])
     np.testing.assert_array_equal(coords, ref_coords)
     np.testing.assert_array_equal(frac, ref_frac)
+
+
+def test_leftover_temporaries_of_dead_writers_on_this_host_are_removed(tmp_path: Path) -> None:
+    final = tmp_path / "mask.png"
+    dead = subprocess.Popen([PY, "-c", "pass"])
+    dead.wait()
+    alive = subprocess.Popen([PY, "-c", "import time; time.sleep(60)"])
+    try:
+        host = socket.gethostname()
+        names = {
+            "dead": f".mask.png.tmp-{host}-{dead.pid}-0a1b2c3d",
+            "dead_dir": f".mask.png.tmp-{host}-{dead.pid}-4e5f6a7b",
+            "alive": f".mask.png.tmp-{host}-{alive.pid}-0a1b2c3d",
+            "other_host": f".mask.png.tmp-elsewhere.{host}-{dead.pid}-0a1b2c3d",
+            "other_output": f".mask.png.json.tmp-{host}-{dead.pid}-0a1b2c3d",
+            "not_ours": ".mask.png.tmp-notes",
+        }
+        for key, name in names.items():
+            if key == "dead_dir":
+                (tmp_path / name / "c").mkdir(parents=True)
+            else:
+                (tmp_path / name).write_text("x")
+        write_text(final, "complete")
+        left = {p.name for p in tmp_path.iterdir()}
+        assert left == {"mask.png"} | {v for k, v in names.items() if k not in ("dead", "dead_dir")}
+        assert final.read_text() == "complete"
+    finally:
+        alive.kill()
+        alive.wait()
 
 
 def test_sigkill_in_features_then_rerun_resumes_and_equals_uninterrupted(corrupt_pair: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

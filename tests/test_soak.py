@@ -74,7 +74,7 @@ def test_soak_cohort_of_50_slides_on_2_cores(tmp_path: Path) -> None:
 
     # complete: nothing left to do, no temporary output anywhere
     assert planned(snakemake(wd, config, "-n")) == {}
-    assert not [p for p in out.rglob(".*") if ".tmp-" in p.name or ".rows-" in p.name]
+    assert not [p for p in out.rglob(".*") if ".tmp-" in p.name or p.name.endswith(".partial")]
 
     # consistent: the inventory, every store, the predictions
     inventory = pd.read_csv(out / "inventory" / "slides.csv", keep_default_na=False).set_index("slide_id")

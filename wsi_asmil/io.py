@@ -3,14 +3,21 @@
 Every writer goes through :func:`atomic_path`: the content is written to a dot-prefixed temporary
 sibling and renamed into place only when complete. Snakemake also deletes outputs of failed jobs,
 but these guarantees hold when a stage is run by hand or killed with SIGKILL.
+
+A killed job's temporary stays behind (nothing can remove it at SIGKILL). The next writer of the
+same output removes it: a temporary's name carries the host and process that wrote it, and one
+whose process is gone from this host is left over. Temporaries of other hosts (a cluster's shared
+disk) are never touched, since their process cannot be checked from here.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
 import shutil
+import socket
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,8 +29,40 @@ import numpy as np
 import pandas as pd
 
 
+_HOST = socket.gethostname()
+
+
 def _tmp_sibling(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    return path.with_name(f".{path.name}.tmp-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_leftover_temporaries(path: Path) -> list[Path]:
+    """Remove the temporaries of ``path`` left by killed writers on this host; return them."""
+    prefix = f".{path.name}.tmp-"
+    removed = []
+    for tmp in path.parent.glob(f"{glob.escape(prefix)}*"):
+        owner = tmp.name[len(prefix) :].rsplit("-", 2)  # host, pid, random part
+        if len(owner) != 3 or owner[0] != _HOST or not owner[1].isdigit():
+            continue
+        pid = int(owner[1])
+        if pid == os.getpid() or _process_alive(pid):
+            continue
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
 
 
 @contextmanager
@@ -34,6 +73,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftover_temporaries(final)
     tmp = _tmp_sibling(final)
     try:
         yield tmp
