@@ -12,9 +12,9 @@ import torch
 
 from wsi_asmil import store
 from wsi_asmil.models.abmil import ABMIL
-from wsi_asmil.models.base import MILModel
+from wsi_asmil.models.base import MILModel, splits_at_softmax
 from wsi_asmil.models.registry import MODELS, build_model, load_model, save_checkpoint
-from wsi_asmil.scoring import CHUNKED, ModelScorer, SoftmaxPool, main as scoring_main, score_slides
+from wsi_asmil.scoring import ModelScorer, SoftmaxPool, main as scoring_main, score_slides
 
 DIM = 24
 CLASSES = ["a", "b", "c"]
@@ -23,6 +23,7 @@ ARCH = {  # small, with several heads, tokens, branches and aggregator layers
     "acmil": {"n_branches": 3, "hidden": 8, "inner_dim": 12},
     "abmil": {"hidden": 8},
     "abmil_anchor": {"hidden": 8},
+    "transmil": {"dim": 16, "n_heads": 2, "n_landmarks": 4},
 }
 
 
@@ -55,8 +56,8 @@ def chunked(model: MILModel, bag: torch.Tensor, chunk: int) -> tuple[np.ndarray,
 
 
 #: Registry names whose architecture is scored in chunks (TransMIL's self-attention mixes tiles, so
-#: it is scored whole: see test_a_model_without_a_chunked_path_is_scored_whole).
-NAMES = sorted(name for name, spec in MODELS.items() if spec.builder in CHUNKED)
+#: it is scored whole: see test_transmil_is_scored_whole).
+NAMES = sorted(name for name in MODELS if splits_at_softmax(random_model(name, seed=0)))
 
 
 def test_the_attention_pooling_models_have_a_chunked_path() -> None:
@@ -115,10 +116,16 @@ def test_scoring_is_in_eval_mode_and_restores_the_mode() -> None:
     np.testing.assert_allclose(probs, ref[1], rtol=1e-4, atol=1e-6)
 
 
-def test_a_model_without_a_chunked_path_is_scored_whole() -> None:
-    class Custom(ABMIL):  # a subclass may change forward, so it is not assumed chunkable
+def test_a_subclass_that_changes_forward_is_scored_whole() -> None:
+    class Custom(ABMIL):  # its forward no longer matches ABMIL's split at the softmax
+        def forward(self, bag: torch.Tensor) -> dict[str, torch.Tensor]:
+            out = super().forward(bag)
+            return {**out, "logits": out["logits"] * 2}
+
+    class Renamed(ABMIL):  # the same forward: the split still holds
         pass
 
+    assert splits_at_softmax(Renamed(DIM, len(CLASSES))) and not splits_at_softmax(Custom(DIM, len(CLASSES)))
     torch.manual_seed(0)
     model = Custom(DIM, len(CLASSES), hidden=8).eval()
     bag = torch.randn(40, DIM)
@@ -130,6 +137,17 @@ def test_a_model_without_a_chunked_path_is_scored_whole() -> None:
     ref = whole_bag(model, bag)
     np.testing.assert_allclose(scores, ref[0], rtol=1e-6)
     np.testing.assert_allclose(probs, ref[1], rtol=1e-6)
+
+
+def test_transmil_is_scored_whole() -> None:
+    model = random_model("transmil", seed=3, scale=0.2)
+    bag = torch.randn(50, DIM)
+    scorer = ModelScorer(model)
+    assert not scorer.chunked  # its self-attention mixes the tiles before any softmax over them
+    scores, probs = chunked(model, bag, 16)
+    ref = whole_bag(model, bag)
+    np.testing.assert_allclose(scores, ref[0], rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(probs, ref[1], rtol=1e-5, atol=1e-7)
 
 
 def test_softmax_pool_matches_softmax_at_extreme_logits() -> None:

@@ -22,8 +22,8 @@ classifier, ASMIL's value projection and aggregator) sees the attention-pooled v
 tiles. So features are read from the Zarr store ``chunk_tiles`` rows at a time, and per model and
 chunk only the logits (a few floats per tile, kept for the scores) and an online log-sum-exp with a
 rescaled running weighted sum (as in flash attention) survive. The result equals the whole-bag
-computation to float rounding (``tests/test_scoring.py``). A model type without such a split
-(:data:`CHUNKED`) is scored on the whole bag, as before.
+computation to float rounding (``tests/test_scoring.py``). Models declare that split themselves
+(:class:`~wsi_asmil.models.base.SoftmaxPooling`); one without it is scored on the whole bag.
 
 An out-of-memory error becomes a message naming the slide, its tile count, the device and the
 settings to change (``wsi_asmil.memory.oom_guard``), and the slide gets no outputs.
@@ -35,7 +35,7 @@ import argparse
 import contextlib
 import json
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,10 +49,7 @@ from wsi_asmil.cli import setup_logging
 from wsi_asmil.devices import resolve_device
 from wsi_asmil.io import write_csv, write_json
 from wsi_asmil.memory import BagMemoryError, oom_guard
-from wsi_asmil.models.abmil import ABMIL
-from wsi_asmil.models.acmil import ACMIL
-from wsi_asmil.models.asmil import ASMIL
-from wsi_asmil.models.base import MILModel
+from wsi_asmil.models.base import MILModel, splits_at_softmax
 from wsi_asmil.models.registry import load_model
 
 log = logging.getLogger(__name__)
@@ -184,95 +181,41 @@ class SoftmaxPool:
         return torch.cat([torch.exp(chunk - lse).mean(dim=0) for chunk in self.logits])
 
 
-@dataclass(frozen=True)
-class Chunked:
-    """A model type split at its softmax over tiles (eval mode).
-
-    ``tiles(model, chunk)`` gives the chunk's attention logits (R, c) and the values pooled with
-    them (c, D); ``head(model, pooled)`` maps the softmax-pooled values (R, D) to the slide's class
-    logits (C,). The R rows are the model's heads x queries, in ``attention_logits`` order.
-    """
-
-    tiles: Callable[[Any, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-    head: Callable[[Any, torch.Tensor], torch.Tensor]
-
-
-def _abmil_tiles(model: ABMIL, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    h = model.prepare(x)
-    return model._gated_logits(h)[0], h
-
-
-def _abmil_head(model: ABMIL, pooled: torch.Tensor) -> torch.Tensor:
-    return model.classifier(model.dropout(pooled[0]))
-
-
-def _acmil_tiles(model: ACMIL, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    h = model.reduce(model.prepare(x))
-    return model._logits(h), h
-
-
-def _acmil_head(model: ACMIL, pooled: torch.Tensor) -> torch.Tensor:
-    # The slide pools with the branches' mean attention: the mean of the branches' pooled vectors.
-    return model.classifier(pooled.mean(dim=0))
-
-
-def _asmil_tiles(model: ASMIL, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    h = model.reduce(model.prepare(x))
-    return model.token_attention.attention_logits(model.tokens, h).flatten(0, 1), h
-
-
-def _asmil_head(model: ASMIL, pooled: torch.Tensor) -> torch.Tensor:
-    att = model.token_attention
-    per_query = pooled.view(att.n_heads, model.n_tokens, -1).transpose(0, 1)  # (N, H, D)
-    return model.classify(att.project_pooled(per_query))
-
-
-#: Model classes with a chunked scoring path (exact types: a subclass may change ``forward``).
-CHUNKED: dict[type, Chunked] = {
-    ABMIL: Chunked(_abmil_tiles, _abmil_head),
-    ACMIL: Chunked(_acmil_tiles, _acmil_head),
-    ASMIL: Chunked(_asmil_tiles, _asmil_head),
-}
-
-
 class ModelScorer:
     """One model's attention scores and class probabilities over a bag fed in row chunks.
 
     Equal to ``model.attention_scores(bag)`` and ``softmax(model(bag)["logits"])`` on the whole
-    bag, in eval mode. Models without a :data:`CHUNKED` entry gather the chunks and run whole.
+    bag, in eval mode. Models that do not split at their softmax over tiles
+    (:func:`~wsi_asmil.models.base.splits_at_softmax`) gather the chunks and run whole.
     """
 
     def __init__(self, model: MILModel) -> None:
         self.model = model
-        self.spec = CHUNKED.get(type(model))
+        self.chunked = splits_at_softmax(model)
         self.pool = SoftmaxPool()
         self.whole: list[torch.Tensor] = []
 
-    @property
-    def chunked(self) -> bool:
-        return self.spec is not None
-
     @torch.no_grad()
     def add(self, chunk: torch.Tensor) -> None:
-        if self.spec is None:
+        if not self.chunked:
             self.whole.append(chunk)
             return
         with _eval(self.model):
-            logits, values = self.spec.tiles(self.model, chunk)
+            logits, values = self.model.pooling_terms(chunk)
             self.pool.add(logits, values)
 
     @torch.no_grad()
     def finish(self) -> tuple[np.ndarray, np.ndarray]:
         """(scores (M,), probabilities (C,)) as float64."""
         with _eval(self.model):
-            if self.spec is None:
+            if not self.chunked:
                 bag = torch.cat(self.whole)
                 self.whole = []
                 scores = self.model.attention_scores(bag)
                 logits = self.model(bag)["logits"]
             else:
                 scores = self.pool.weights_mean()
-                logits = self.spec.head(self.model, self.pool.pooled())
+                logits = self.model.logits_from_pooled(self.pool.pooled())
         probs = torch.softmax(logits.float(), dim=-1)
         return scores.float().cpu().numpy().astype(np.float64), probs.cpu().numpy().astype(np.float64)
 
@@ -419,7 +362,7 @@ def score_slides(
         coords, attrs = group["coords"][:], dict(group.attrs)
         folds = choose_folds(fold_mode, sid, n_folds, split)
         def advice(folds: list[int] = folds) -> str:  # at error time: which models had loaded
-            whole = any(type(m) not in CHUNKED for m in map(models.loaded, folds) if m is not None)
+            whole = any(not splits_at_softmax(m) for m in map(models.loaded, folds) if m is not None)
             return scoring_advice(dev, chunk_tiles, whole)
 
         with oom_guard("scoring", sid, len(coords), dev, advice):
@@ -438,7 +381,8 @@ def score_slides(
 def scoring_advice(device: torch.device, chunk_tiles: int, whole: bool = False) -> str:
     """What to change when scoring runs out of memory on ``device`` (the config key first).
 
-    ``whole``: a fold model has no chunked path (:data:`CHUNKED`), so its whole bag is held.
+    ``whole``: a fold model has no chunked path (it does not split at its softmax), so its whole
+    bag is held.
     """
     if whole:
         held, chunk = "a model that scores the whole bag at once (no chunked path)", ""

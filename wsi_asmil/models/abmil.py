@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from wsi_asmil.models.base import MILModel
+from wsi_asmil.models.base import MILModel, SoftmaxPooling
 from wsi_asmil.models.norm import FeatureNorm
 
 
-class ABMIL(MILModel):
+class ABMIL(MILModel, SoftmaxPooling):
     """Attention logits ``w^T (tanh(V h) * sigmoid(U h))``, softmax over tiles, weighted mean, Linear.
 
     ``attn_logits`` is returned as (1, 1, M) so the stabilisation loss written for ASMIL's
@@ -39,3 +39,10 @@ class ABMIL(MILModel):
         weights = torch.softmax(attn_logits[0, 0], dim=-1)
         pooled = self.dropout(weights.to(h.dtype) @ h)
         return {"logits": self.classifier(pooled), "attn_logits": attn_logits}
+
+    def pooling_terms(self, bag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.prepare(bag)
+        return self._gated_logits(h)[0], h
+
+    def logits_from_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.dropout(pooled[0]))

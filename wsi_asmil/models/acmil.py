@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wsi_asmil.models.base import MILModel
+from wsi_asmil.models.base import MILModel, SoftmaxPooling
 from wsi_asmil.models.norm import FeatureNorm
 
 
@@ -29,7 +29,7 @@ def topk_mask(logits: torch.Tensor, k: int, drop: float) -> torch.Tensor:
     return mask
 
 
-class ACMIL(MILModel):
+class ACMIL(MILModel, SoftmaxPooling):
     """``forward`` adds ``branch_logits`` (K, C); ``attn_logits`` is (1, K, M), unmasked."""
 
     def __init__(
@@ -92,6 +92,14 @@ class ACMIL(MILModel):
             "attn_logits": logits.unsqueeze(0),
             "branch_logits": per_branch,
         }
+
+    def pooling_terms(self, bag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.reduce(self.prepare(bag))
+        return self._logits(h), h
+
+    def logits_from_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The slide pools with the branches' mean attention: the mean of the branches' pooled vectors."""
+        return self.classifier(pooled.mean(dim=0))
 
     def auxiliary_loss(self, out: dict[str, torch.Tensor], label: torch.Tensor) -> torch.Tensor:
         """Mean CE of the branch classifiers plus the mean pairwise cosine of branch attentions."""

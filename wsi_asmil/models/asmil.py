@@ -7,7 +7,7 @@ from torch import nn
 
 from wsi_asmil.devices import to_device
 from wsi_asmil.models.attention import MultiHeadCrossAttention
-from wsi_asmil.models.base import MILModel
+from wsi_asmil.models.base import MILModel, SoftmaxPooling
 from wsi_asmil.models.norm import FeatureNorm
 
 TOKEN_DROP_MODES = ("fixed", "bernoulli")
@@ -38,7 +38,7 @@ def select_tokens(
     raise ValueError(f"token_drop_mode must be one of {TOKEN_DROP_MODES}, got {mode!r}")
 
 
-class ASMIL(MILModel):
+class ASMIL(MILModel, SoftmaxPooling):
     """Attention-Stabilized MIL online model (spec section 2).
 
     The anchor and the stabilisation loss live outside the model so the inference checkpoint holds
@@ -105,3 +105,13 @@ class ASMIL(MILModel):
         for layer in self.aggregator:
             cls, _ = layer(cls, token_vectors)
         return self.classifier(cls[0])
+
+    def pooling_terms(self, bag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows are the FEAT tokens' heads x tokens, in ``attention_logits`` order."""
+        h = self.reduce(self.prepare(bag))
+        return self.token_attention.attention_logits(self.tokens, h).flatten(0, 1), h
+
+    def logits_from_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
+        att = self.token_attention
+        per_token = pooled.view(att.n_heads, self.n_tokens, -1).transpose(0, 1)  # (N, H, D)
+        return self.classify(att.project_pooled(per_token))

@@ -105,7 +105,7 @@ class MultiHeadCrossAttention(nn.Module):
 
     def project_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
         """The output (Q, dim) from the softmax-pooled inputs (Q, H, D): values, output projection
-        and norm. Public so scoring can pool a bag chunk by chunk and finish here."""
+        and norm. Public so that ASMIL's chunked evaluation (``ASMIL.logits_from_pooled``) finishes here."""
         n_q, h, dh = pooled.shape[0], self.n_heads, self.head_dim
         v_weight = self._per_query(self.v_weight, n_q).view(n_q, h, dh, self.dim)
         v_bias = self._per_query(self.v_bias, n_q).view(n_q, h, dh)

@@ -57,3 +57,34 @@ class MILModel(nn.Module, metaclass=abc.ABCMeta):
             return torch.softmax(logits, dim=-1).mean(dim=(0, 1))
         finally:
             self.train(was_training)
+
+
+class SoftmaxPooling(abc.ABC):
+    """A model whose slide logits see the tiles only through softmax-pooled sums.
+
+    Each tile's attention logits depend on that tile alone, and everything after the softmax over
+    the tiles sees only ``sum_i softmax(l)_ri v_i``. Such a model can be evaluated on a bag that
+    arrives in chunks, exactly (``wsi_asmil.scoring``), so memory is bounded by a chunk, not by the
+    slide. The two methods describe the model in eval mode and must agree with its ``forward``:
+    :func:`splits_at_softmax` trusts them only where ``forward`` is defined next to them.
+    """
+
+    @abc.abstractmethod
+    def pooling_terms(self, bag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The attention logits (R, M) over the bag's tiles and the values (M, D) they pool."""
+
+    @abc.abstractmethod
+    def logits_from_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The slide's class logits (C,) from the softmax-pooled values (R, D)."""
+
+
+def splits_at_softmax(model: nn.Module) -> bool:
+    """Whether ``model`` can be evaluated chunk by chunk through :class:`SoftmaxPooling`.
+
+    Only where the class that defines ``forward`` also defines the split: a subclass that changes
+    ``forward`` is evaluated whole unless it states its own split.
+    """
+    if not isinstance(model, SoftmaxPooling):
+        return False
+    owner = next(cls for cls in type(model).__mro__ if "forward" in vars(cls))
+    return "logits_from_pooled" in vars(owner)
