@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from wsi_asmil import store, tiff_jpeg
 from wsi_asmil.encoders import WeightsError, build_encoder
-from wsi_asmil.features import ChunkAlignedBatches, Embedder, extract_slide, fold_batchnorm
+from wsi_asmil.features import ChunkAlignedBatches, Embedder, extract_slide, fold_batchnorm, loader_settings
+from wsi_asmil.features import main as features_main
 from wsi_asmil.segment import SegmentParams, segment_slide
 from wsi_asmil.slide import Slide
 from wsi_asmil.tiff_jpeg import JpegTiledLevel
@@ -126,6 +127,32 @@ def test_workers_and_bf16_agree(real_slide: Path, real_tiles: Path, tmp_path: Pa
     np.testing.assert_array_equal(a, b)
     cos = (a * c).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(c, axis=1))
     assert cos.min() > 0.98
+
+
+def test_auto_loader_settings_follow_the_device() -> None:
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert loader_settings(gpu, 16, None, None) == (512, 15)  # every core but one reads for the GPU
+    assert loader_settings(gpu, 1, None, None) == (512, 1)
+    assert loader_settings(cpu, 8, None, None) == (64, 1)  # the encoder needs the cores itself
+    assert loader_settings(cpu, 1, None, None) == (64, 0)
+    assert loader_settings(gpu, 16, 100, 0) == (100, 0)  # numbers are kept as given
+    assert loader_settings(cpu, 8, 7, 3) == (7, 3)
+
+
+def test_command_line_with_auto_settings(real_slide: Path, real_tiles: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "f.zarr"
+    threads = torch.get_num_threads()
+    try:
+        features_main(["--slide", str(real_slide), "--tiles", str(real_tiles), "--out", str(out), "--device", "cpu",
+                       "--precision", "fp32", "--batch-size", "auto", "--num-workers", "auto", "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    assert "batches of 64 tiles, 0 reader process(es), 1 torch thread(s)" in capsys.readouterr().err
+    ref = tmp_path / "ref.zarr"
+    extract_slide(real_slide, real_tiles, ref, build_encoder("resnet18", "random"), "cpu", "fp32", 16, 0)
+    np.testing.assert_array_equal(store.read_features(out)[0], store.read_features(ref)[0])
+    with pytest.raises(SystemExit):
+        features_main(["--slide", str(real_slide), "--tiles", str(real_tiles), "--out", str(out), "--batch-size", "many"])
 
 
 def test_empty_tile_set(real_slide: Path, tmp_path: Path) -> None:

@@ -89,6 +89,8 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
         ({"heatmap": {"localisation": {"threshold": "median"}}}, "threshold"),
         ({"heatmap": {"models": ["abmil_anchor"]}}, "heatmap.models"),
         ({"predict": {"bogus": 1}}, "bogus"),
+        ({"features": {"batch_size": "huge"}}, "batch_size"),
+        ({"features": {"num_workers": -1}}, "num_workers"),
     ],
 )
 def test_bad_config_fails_before_any_job(tmp_path: Path, override: dict, key: str) -> None:

@@ -22,6 +22,16 @@ def optional_float(text: str) -> float | None:
     return None if text in ("", "None", "null", "nan") else float(text)
 
 
+def auto_or_count(text: str) -> int | None:
+    """A whole number >= 0, or ``auto`` (None): the stage picks a value for its device."""
+    if text == "auto":
+        return None
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a whole number >= 0, got {text!r}")
+    return value
+
+
 def add_slide_args(p: argparse.ArgumentParser) -> None:
     """The slide path and the two mpp sources used when the file has none."""
     p.add_argument("--slide", required=True, help="slide file (or DICOM folder)")
