@@ -52,7 +52,7 @@ import torch
 from wsi_asmil import store
 from wsi_asmil.encoders import build_encoder
 from wsi_asmil.devices import resolve_device
-from wsi_asmil.features import Embedder, ReadPlan, TileDataset, _as_batch, use_bf16
+from wsi_asmil.features import Embedder, ReadPlan, TileDataset, _as_batch, loader_settings, use_bf16
 from wsi_asmil.segment import SegmentParams, segment_slide
 from wsi_asmil.slide import Slide
 from wsi_asmil.synthetic import SlideSpec, write_slide
@@ -345,21 +345,22 @@ def main() -> None:
     p.add_argument("--size", default=f"{CAMELYON[0]}x{CAMELYON[1]}", help="level-0 WxH at 0.25 um/px")
     p.add_argument("--encoders", nargs="+", default=["resnet18", "vit_small"])
     p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, default=None, help="default: 512 on CUDA, 64 on CPU")
-    p.add_argument("--workers", type=int, default=None, help="reader processes (default: cores - 1, at least 1)")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the pipeline's auto (512 on CUDA, 64 on CPU)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="reader processes (default: the pipeline's auto: cores - 1 on CUDA, 1 on CPU)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores; reading JPEG tiles directly costs little)")
     p.add_argument("--compile", action="store_true", help="torch.compile the encoder")
     p.add_argument("--clam-tiles", type=int, default=None, help="tiles for the CLAM-style loop (default 20000 CUDA, 300 CPU)")
     p.add_argument("--check-tiles", type=int, default=256)
+    p.add_argument("--ceiling-seconds", type=float, default=None, help="how long the model ceiling runs (default 10 CUDA, 20 CPU)")
     p.add_argument("--skip", nargs="*", default=[], choices=["decode", "reader", "model", "ours", "clam"])
     args = p.parse_args()
     device = resolve_device(args.device)
     args.device = str(device)
     cuda = device.type == "cuda"
     cores = os.cpu_count() or 1
-    args.batch_size = args.batch_size or (512 if cuda else 64)
-    args.workers = args.workers if args.workers is not None else max(1, cores - 1)
     args.threads = args.threads or cores
+    args.batch_size, args.workers = loader_settings(device, args.threads, args.batch_size, args.workers)
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     size = tuple(int(v) for v in args.size.lower().split("x"))
@@ -386,7 +387,7 @@ def main() -> None:
     for encoder in args.encoders:
         r: dict = {}
         if "model" not in args.skip:
-            r["model_ceiling"] = model_ceiling(encoder, device, args.batch_size, 10 if cuda else 20, args.compile)
+            r["model_ceiling"] = model_ceiling(encoder, device, args.batch_size, args.ceiling_seconds or (10 if cuda else 20), args.compile)
             print(encoder, "model ceiling", r["model_ceiling"], flush=True)
         if "ours" not in args.skip:
             out = args.work / "out" / slide.stem

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -276,3 +278,22 @@ def test_direct_reads_at_a_non_integer_downsample(tmp_path: Path) -> None:
     a, b = store.read_features(tmp_path / "d.zarr")[0], store.read_features(tmp_path / "o.zarr")[0]
     cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
     assert cos.min() > 0.98
+
+
+def test_feature_speed_benchmark_runs(tmp_path: Path) -> None:
+    """benchmarks/feature_speed.py at toy size, so the unattended GPU run is not broken by a change here."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "feature_speed.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--work", str(tmp_path), "--size", "4096x3072", "--encoders", "resnet18",
+         "--device", "cpu", "--threads", "1", "--batch-size", "8", "--clam-tiles", "8", "--check-tiles", "0", "--ceiling-seconds", "1"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((tmp_path / "feature_speed.json").read_text())
+    setup, run = results["setup"], results["resnet18"]
+    assert setup["tiles"] > 0 and setup["reader"] == "jpeg-direct" and setup["workers"] == 0  # auto, one thread
+    assert run["ours"]["tiles"] == setup["tiles"] and run["ours"]["peak_pss_mib"] > 0
+    for figure in (results["decode_ceiling"], results["reader"], results["reader_openslide"], run["model_ceiling"],
+                   run["ours"], run["clam_style"]):
+        assert figure["tiles_per_s"] > 0
+    assert run["speedup_vs_clam"] == run["ours"]["tiles_per_s"] / run["clam_style"]["tiles_per_s"]
