@@ -198,6 +198,16 @@ def test_slurm_profile_plans_every_job(tmp_path: Path) -> None:
         for key in ("mem_mb", "runtime"):
             assert int(second[b["rule"], b["wildcards"]][key]) == 2 * int(b["resources"][key]), b
 
+    # rules told to run on the CPU ask for no GPU
+    cpu_cfg = tmp_path / "cpu.yaml"
+    cpu_cfg.write_text(yaml.safe_dump({**yaml.safe_load(cfg.read_text()),
+                                       **{k: {**TINY.get(k, {}), "device": "cpu"} for k in ("features", "train", "heatmap")}}))
+    proc = run([*SNAKEMAKE, "--profile", PROFILE, "-n", "--configfile", str(cpu_cfg)], env=env, timeout=120)
+    check(proc, "dry run through profiles/slurm with every device: cpu")
+    cpu_plan = [b for b in job_blocks(proc.stdout + proc.stderr) if b["kind"] in ("rule", "checkpoint")]
+    assert {b["rule"] for b in cpu_plan} == rules
+    assert not [b for b in cpu_plan if b["resources"].get("gpu", "0") != "0"]
+
 
 # --- the real cluster -------------------------------------------------------------------------------
 

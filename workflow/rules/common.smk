@@ -99,6 +99,12 @@ def cli_args(section, exclude=()):
     return shlex.join(args)
 
 
+def gpus(section):
+    """GPU slots a rule of ``section`` takes: none when its device is the CPU, so it neither waits
+    for the card locally nor asks Slurm for one."""
+    return 0 if config[section]["device"] == "cpu" else 1
+
+
 def usable(ids):
     """The slides among ``ids`` that the inventory could open (evaluated after it has run)."""
     ok = usable_ids(checkpoints.inventory.get().output[0])

@@ -16,7 +16,7 @@ rule features:
         version=VERSION,
     threads: config["features"]["threads"]
     resources:
-        gpu=1,
+        gpu=gpus("features"),
     conda:
         ENV
     log:

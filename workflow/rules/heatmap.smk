@@ -109,7 +109,7 @@ rule attention:
         version=VERSION,
     threads: config["train"]["threads"]
     resources:
-        gpu=1,
+        gpu=gpus("heatmap"),
     conda:
         ENV
     log:

@@ -151,7 +151,7 @@ rule predict_attention:
         version=VERSION,
     threads: config["train"]["threads"]
     resources:
-        gpu=1,
+        gpu=gpus("heatmap"),
     conda:
         ENV
     log:

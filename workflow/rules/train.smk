@@ -52,7 +52,7 @@ rule train:
         version=VERSION,
     threads: config["train"]["threads"]
     resources:
-        gpu=1,
+        gpu=gpus("train"),
     conda:
         ENV
     log:
