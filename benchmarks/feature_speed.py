@@ -51,7 +51,7 @@ import torch
 
 from wsi_asmil import store
 from wsi_asmil.encoders import build_encoder
-from wsi_asmil.devices import resolve_device
+from wsi_asmil.devices import resolve_device, usable_cores
 from wsi_asmil.features import Embedder, ReadPlan, TileDataset, _as_batch, loader_settings, use_bf16
 from wsi_asmil.segment import SegmentParams, segment_slide
 from wsi_asmil.slide import Slide
@@ -358,7 +358,7 @@ def main() -> None:
     device = resolve_device(args.device)
     args.device = str(device)
     cuda = device.type == "cuda"
-    cores = os.cpu_count() or 1
+    cores = usable_cores()
     args.threads = args.threads or cores
     args.batch_size, args.workers = loader_settings(device, args.threads, args.batch_size, args.workers)
     torch.set_num_threads(args.threads)

@@ -14,6 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from wsi_asmil import store, tiff_jpeg
+from wsi_asmil.devices import usable_cores
 from wsi_asmil.encoders import WeightsError, build_encoder
 from wsi_asmil.features import ChunkAlignedBatches, Embedder, extract_slide, fold_batchnorm, loader_settings
 from wsi_asmil.features import main as features_main
@@ -297,3 +298,16 @@ def test_feature_speed_benchmark_runs(tmp_path: Path) -> None:
                    run["ours"], run["clam_style"]):
         assert figure["tiles_per_s"] > 0
     assert run["speedup_vs_clam"] == run["ours"]["tiles_per_s"] / run["clam_style"]["tiles_per_s"]
+
+
+def test_usable_cores_follow_the_cpu_affinity() -> None:
+    """A Slurm job's cpuset, not the node's core count, decides the default threads and readers."""
+    if not hasattr(os, "sched_getaffinity"):
+        pytest.skip("no CPU affinity on this platform")
+    before = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, {min(before)})
+        assert usable_cores() == 1
+    finally:
+        os.sched_setaffinity(0, before)
+    assert usable_cores() == len(before)

@@ -1,6 +1,9 @@
-"""Where tensors run: one reading of the ``device`` settings and one stall-free host-to-device copy."""
+"""Where work runs: one reading of the ``device`` settings, the CPUs this process may use, and one
+stall-free host-to-device copy."""
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -13,6 +16,13 @@ def resolve_device(device: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device {device!r} requested but CUDA is not available")
     return dev
+
+
+def usable_cores() -> int:
+    """CPUs this process may run on: a Slurm job's allocation (its cpuset), not the whole node."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:

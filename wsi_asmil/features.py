@@ -27,7 +27,6 @@ import errno
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
 from collections import deque
@@ -46,7 +45,7 @@ from tqdm import tqdm
 
 from wsi_asmil import store
 from wsi_asmil.cli import add_slide_args, auto_or_count, setup_logging
-from wsi_asmil.devices import resolve_device
+from wsi_asmil.devices import resolve_device, usable_cores
 from wsi_asmil.encoders import Encoder, build_encoder
 from wsi_asmil.memory import is_out_of_memory
 from wsi_asmil.slide import RegionReadError, Slide, SlideError
@@ -456,7 +455,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the encoder")
     args = p.parse_args(argv)
     setup_logging()
-    cores = os.cpu_count() or 1
+    cores = usable_cores()
     threads = min(args.threads, cores) if args.threads else cores
     try:
         batch_size, num_workers = loader_settings(resolve_device(args.device), threads, args.batch_size, args.num_workers)
