@@ -15,6 +15,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import math
 import os
 import shutil
 import socket
@@ -92,9 +93,22 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         raise
 
 
+def strict_json(value: Any) -> Any:
+    """NaN and infinities become null: JSON has no such numbers, and jq, JavaScript or R reject the
+    ``NaN`` that Python would write (an AUC on a fold with one class is NaN)."""
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    """Strict JSON (see :func:`strict_json`), written atomically."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, allow_nan=True) + "\n")
+        tmp.write_text(json.dumps(strict_json(obj), indent=2, allow_nan=False) + "\n")
 
 
 def write_text(path: str | os.PathLike[str], text: str) -> None:

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from wsi_asmil.cli import setup_logging
 from wsi_asmil.devices import resolve_device, to_device
-from wsi_asmil.io import atomic_path
+from wsi_asmil.io import atomic_path, write_csv, write_json
 from wsi_asmil.memory import BagMemoryError, oom_guard
 from wsi_asmil.metrics import classification_metrics, last_mean, mean_jsd
 from wsi_asmil.models import Anchor, MILLoss, MILModel, build_model, model_spec, save_checkpoint
@@ -524,27 +524,6 @@ def run_epochs(trainer: Trainer, data: FoldData, label: str) -> RunResult:
 # --- outputs ---------------------------------------------------------------------------------------
 
 
-def _json_safe(value: Any) -> Any:
-    """NaN -> null so metrics.json stays strict JSON."""
-    if isinstance(value, Mapping):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return value
-
-
-def _write_csv(frame: pd.DataFrame, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        frame.to_csv(tmp, index=False)
-
-
-def _write_json(data: Mapping[str, Any], path: Path) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(_json_safe(data), indent=2, allow_nan=False) + "\n")
-
-
 def plot_curves(history: pd.DataFrame, selected_epoch: int, path: Path, title: str) -> None:
     """Loss, validation metrics and attention instability against epoch, selected epoch marked."""
     import matplotlib
@@ -599,13 +578,13 @@ def write_outputs(
     save_checkpoint(out / "model.pt", run.best.state, epoch=run.best.epoch, **meta)
     save_checkpoint(out / "last.pt", run.last.state, epoch=run.last.epoch, **meta)
     history = run.history
-    _write_csv(history, out / "history.csv")
+    write_csv(out / "history.csv", history)
     n_slides = len(data.bags["val"]) + len(data.bags["test"])
     instability = pd.DataFrame(
         {"epoch": history["epoch"], "jsd": history["jsd"], "n_slides": n_slides}
     )
-    _write_csv(instability, out / "instability.csv")
-    _write_csv(predictions_frame(run.best.test, data.classes), out / "predictions.csv")
+    write_csv(out / "instability.csv", instability)
+    write_csv(out / "predictions.csv", predictions_frame(run.best.test, data.classes))
     metrics = {
         "model": model_name,
         "fold": fold,
@@ -618,7 +597,7 @@ def write_outputs(
         "instability_last10": last_mean(history["jsd"].tolist(), 10),
         "skipped_empty_slides": data.skipped,
     }
-    _write_json(metrics, out / "metrics.json")
+    write_json(out / "metrics.json", metrics)
     plot_curves(history, run.best.epoch, out / "curves.png", f"{model_name} fold {fold}")
     return metrics
 
