@@ -12,11 +12,11 @@ disk) are never touched, since their process cannot be checked from here.
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import socket
 import uuid
@@ -37,6 +37,14 @@ def _tmp_sibling(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
+#: ``.<output name>.tmp-<host>-<pid>-<random>``, as :func:`_tmp_sibling` names them.
+_TMP_NAME = re.compile(r"\.(?P<name>.+)\.tmp-(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{8}")
+#: Per directory, the temporaries of dead writers found there, by output name. Each directory is
+#: listed once per process: a job writing thousands of outputs into one folder (scores, tiles)
+#: would otherwise list it once per output.
+_leftovers: dict[Path, dict[str, list[Path]]] = {}
+
+
 def _process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -47,22 +55,29 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+def _dead_writers_temporaries(directory: Path) -> dict[str, list[Path]]:
+    found: dict[str, list[Path]] = {}
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            m = _TMP_NAME.fullmatch(entry.name)
+            if m is None or m["host"] != _HOST:
+                continue
+            pid = int(m["pid"])
+            if pid != os.getpid() and not _process_alive(pid):
+                found.setdefault(m["name"], []).append(Path(entry.path))
+    return found
+
+
 def remove_leftover_temporaries(path: Path) -> list[Path]:
     """Remove the temporaries of ``path`` left by killed writers on this host; return them."""
-    prefix = f".{path.name}.tmp-"
-    removed = []
-    for tmp in path.parent.glob(f"{glob.escape(prefix)}*"):
-        owner = tmp.name[len(prefix) :].rsplit("-", 2)  # host, pid, random part
-        if len(owner) != 3 or owner[0] != _HOST or not owner[1].isdigit():
-            continue
-        pid = int(owner[1])
-        if pid == os.getpid() or _process_alive(pid):
-            continue
+    if path.parent not in _leftovers:
+        _leftovers[path.parent] = _dead_writers_temporaries(path.parent)
+    removed = _leftovers[path.parent].pop(path.name, [])
+    for tmp in removed:
         if tmp.is_dir() and not tmp.is_symlink():
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
-        removed.append(tmp)
     return removed
 
 
