@@ -50,8 +50,8 @@ import pandas as pd
 from wsi_asmil.canvas import Grid, blend, colour_table, lookup_mask, mean_values, smooth
 from wsi_asmil.cli import optional_float, setup_logging
 from wsi_asmil.io import atomic_path, write_image
-from wsi_asmil.slide import Slide
 from wsi_asmil.memory import is_out_of_memory
+from wsi_asmil.slide import Slide
 from wsi_asmil.tile_geojson import OBJECT_TYPES, write_tile_geojson
 
 log = logging.getLogger(__name__)
