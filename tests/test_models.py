@@ -222,6 +222,50 @@ class _WithBuffers(nn.Module):
         self.norm = nn.BatchNorm1d(1)
 
 
+def test_training_moves_the_ema_anchor_by_the_ema_rule(tmp_path) -> None:
+    """Through the trainer: after each optimizer step the anchor is m * anchor + (1 - m) * online.
+    Without the update the anchor would stay the initial copy and this test fails."""
+    from wsi_asmil.train import Bag, FoldData, build_trainer, resolve_params, train_one_epoch
+
+    torch.manual_seed(0)
+    bags = [Bag(f"s{i}", i % 2, torch.randn(30, 16), torch.tensor(i % 2)) for i in range(3)]
+    data = FoldData(["a", "b"], {"train": bags, "val": [], "test": []}, [], 16)
+    params = resolve_params({"epochs": 1, "lr": 1e-2, "models": {"asmil": {"n_tokens": 2, "anchor_momentum": 0.9}}})
+    trainer = build_trainer("asmil", data, params, torch.device("cpu"))
+    anchor = trainer.anchor
+    expected = {k: v.detach().clone() for k, v in anchor.model.state_dict().items()}
+    online_after: list[dict[str, torch.Tensor]] = []
+    update = anchor.update
+
+    def record(online: nn.Module) -> None:  # the online weights each update sees
+        online_after.append({k: v.detach().clone() for k, v in online.state_dict().items()})
+        update(online)
+
+    anchor.update = record
+    train_one_epoch(trainer, bags)
+    assert len(online_after) == 3
+    for online in online_after:
+        expected = {k: 0.9 * v + 0.1 * online[k] if v.is_floating_point() else online[k] for k, v in expected.items()}
+    moved = 0.0
+    for key, value in anchor.model.state_dict().items():
+        torch.testing.assert_close(value, expected[key], rtol=1e-5, atol=1e-6)
+        moved = max(moved, (value - online_after[0][key]).abs().max().item())
+    assert moved > 1e-4  # the anchor is not the online model either
+
+
+def test_anchor_horizon_in_epochs_sets_the_momentum() -> None:
+    from wsi_asmil.train import anchor_momentum, horizon_epochs
+
+    assert anchor_momentum({"anchor_momentum": 0.999, "anchor_horizon_epochs": None}, 15) == 0.999
+    assert horizon_epochs(0.999, 400) == pytest.approx(2.5)
+    assert horizon_epochs(0.999, 15) == pytest.approx(1000 / 15)
+    m = anchor_momentum({"anchor_momentum": 0.999, "anchor_horizon_epochs": 2.5}, 15)
+    assert m == pytest.approx(1 - 1 / 37.5) and horizon_epochs(m, 15) == pytest.approx(2.5)
+    assert horizon_epochs(1.0, 15) == math.inf
+    with pytest.raises(ValueError, match="anchor_horizon_epochs"):
+        anchor_momentum({"anchor_momentum": 0.999, "anchor_horizon_epochs": 0}, 15)
+
+
 def test_ema_update_matches_hand_arithmetic() -> None:
     torch.manual_seed(0)
     online = _WithBuffers()
@@ -390,13 +434,19 @@ def test_eval_mode_is_deterministic(name: str) -> None:
     assert torch.equal(a["logits"], b["logits"]) and torch.equal(a["attn_logits"], b["attn_logits"])
 
 
-def test_abmil_is_gated_attention_weighted_mean() -> None:
+def test_abmil_embeds_then_pools_with_gated_attention() -> None:
+    """Ilse et al. and the ASMIL authors' ABMIL: h = ReLU(W x) with W bias-free (DimReduction) to
+    D_feat // 2, gated attention on h, the attention-weighted mean of h, a Linear classifier."""
     torch.manual_seed(0)
     model = build_model("abmil", 8, 2).eval()
+    assert model.reduce[0].bias is None and model.reduce[0].weight.shape == (4, 8)
+    assert model.classifier.in_features == 4 and model.attention_v.in_features == 4
+    assert build_model("abmil", 8, 2, inner_dim=6).classifier.in_features == 6
     bag = torch.randn(6, 8)
-    gate = torch.tanh(model.attention_v(bag)) * torch.sigmoid(model.attention_u(bag))
+    h = torch.relu(bag @ model.reduce[0].weight.T)
+    gate = torch.tanh(model.attention_v(h)) * torch.sigmoid(model.attention_u(h))
     weights = torch.softmax(model.attention_w(gate)[:, 0], dim=0)
-    torch.testing.assert_close(model(bag)["logits"], model.classifier(weights @ bag))
+    torch.testing.assert_close(model(bag)["logits"], model.classifier(weights @ h))
     torch.testing.assert_close(model.attention_scores(bag), weights)
 
 
@@ -464,8 +514,36 @@ def test_acmil_masking_hides_a_share_of_each_branch_top_k() -> None:
     assert mask.sum(dim=1).tolist() == [6] * 5
     top = logits.topk(10, dim=1).indices
     assert all(mask[b, top[b]].sum() == 6 for b in range(5))  # only top-k tiles are hidden
-    assert topk_mask(logits[:, :3], k=10, drop=0.6).sum(dim=1).tolist() == [2] * 5  # k capped at M
+    # k capped at M, the share truncated as the official code counts it: int(3 * 0.6) = 1
+    assert topk_mask(logits[:, :3], k=10, drop=0.6).sum(dim=1).tolist() == [1] * 5
     assert not topk_mask(torch.randn(5, 1), k=10, drop=0.6).any()  # a one-tile bag keeps its tile
+
+
+def test_acmil_masking_reaches_the_slide_classifier_and_diversity_as_officially() -> None:
+    """dazhangyu123/ACMIL ACMIL_GA: in training the masked attention (A_out) pools the tiles for
+    the branch classifiers and for the slide (softmax(A_out).mean over branches), and the
+    diversity term is computed from it too; the reduction has no bias."""
+    from wsi_asmil.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("acmil", 32, 2, n_branches=3, inner_dim=16).train()
+    assert model.reduce[0].bias is None
+    bag = torch.randn(40, 32)
+    torch.manual_seed(1)
+    out = model(bag)
+    masked = out["masked_logits"]
+    assert torch.isinf(masked).sum(dim=1).tolist() == [6, 6, 6]
+    assert not torch.isinf(out["attn_logits"]).any()  # the unmasked logits stay for metrics
+    h = torch.relu(bag @ model.reduce[0].weight.T)
+    slide = torch.softmax(masked, dim=-1).mean(0) @ h
+    torch.testing.assert_close(out["logits"], model.classifier(slide))
+    unmasked = torch.softmax(out["attn_logits"][0], dim=-1).mean(0) @ h
+    assert not torch.allclose(out["logits"], model.classifier(unmasked))
+    attn = torch.softmax(masked, dim=-1)
+    cos = [F.cosine_similarity(attn[i], attn[j], dim=0) for i in range(3) for j in range(i + 1, 3)]
+    label = torch.tensor(1)
+    ce = F.cross_entropy(out["branch_logits"], label.repeat(3))
+    torch.testing.assert_close(model.auxiliary_loss(out, label), ce + sum(cos) / 3)
 
 
 def test_acmil_outputs_and_auxiliary_loss_by_hand() -> None:

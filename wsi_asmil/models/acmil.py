@@ -4,6 +4,11 @@ K attention branches look at the same tiles. In training each branch's most-atte
 randomly hidden (stochastic top-k instance masking), so no branch can rest on a handful of tiles;
 every branch has its own classifier, and a diversity term pushes the branches' attention maps
 apart. The slide prediction pools the tiles with the branches' mean attention.
+
+As in the official code (dazhangyu123/ACMIL, ``ACMIL_GA`` and its training loop), the masking
+reaches everything the branches feed in training: the branch classifiers, the slide pooling and
+the diversity term all use the masked attention (its ``A_out``), and the reduction is the authors'
+DimReduction (Linear without bias, ReLU). In eval mode nothing is masked.
 """
 
 from __future__ import annotations
@@ -17,9 +22,12 @@ from wsi_asmil.models.norm import FeatureNorm
 
 
 def topk_mask(logits: torch.Tensor, k: int, drop: float) -> torch.Tensor:
-    """Boolean (K, M) mask of tiles to hide: a random ``drop`` share of each branch's top ``k``."""
+    """Boolean (K, M) mask of tiles to hide: a random ``drop`` share of each branch's top ``k``.
+
+    The share is truncated, ``int(k * drop)``, as the official code counts it.
+    """
     k = min(k, logits.shape[-1])
-    n_hide = int(round(drop * k))
+    n_hide = int(k * drop)
     mask = torch.zeros_like(logits, dtype=torch.bool)
     if n_hide == 0 or logits.shape[-1] <= 1:
         return mask
@@ -30,7 +38,9 @@ def topk_mask(logits: torch.Tensor, k: int, drop: float) -> torch.Tensor:
 
 
 class ACMIL(MILModel, SoftmaxPooling):
-    """``forward`` adds ``branch_logits`` (K, C); ``attn_logits`` is (1, K, M), unmasked."""
+    """``forward`` adds ``branch_logits`` (K, C) and ``masked_logits`` (K, M), the attention logits
+    after training-time masking (hidden tiles at ``-inf``); ``attn_logits`` (1, K, M) is unmasked,
+    so the instability metric and an anchor see the model's own scores."""
 
     def __init__(
         self,
@@ -56,7 +66,7 @@ class ACMIL(MILModel, SoftmaxPooling):
         self.mask_topk = mask_topk
         self.mask_drop = mask_drop
         self.diversity_weight = diversity_weight
-        self.reduce = nn.Sequential(nn.Linear(in_dim, dim), nn.ReLU(), nn.Dropout(dropout))
+        self.reduce = nn.Sequential(nn.Linear(in_dim, dim, bias=False), nn.ReLU(), nn.Dropout(dropout))
         self.attention_v = nn.Linear(dim, hidden)
         self.attention_u = nn.Linear(dim, hidden)
         self.attention_w = nn.Linear(hidden, n_branches)
@@ -81,15 +91,16 @@ class ACMIL(MILModel, SoftmaxPooling):
     def forward(self, bag: torch.Tensor) -> dict[str, torch.Tensor]:
         h = self.reduce(self.prepare(bag))
         logits = self._logits(h)
-        branch_logits = logits
+        masked = logits
         if self.training and self.mask_drop > 0:
-            branch_logits = logits.masked_fill(topk_mask(logits.detach(), self.mask_topk, self.mask_drop), float("-inf"))
-        branch_feats = torch.softmax(branch_logits, dim=-1).to(h.dtype) @ h  # (K, D)
+            masked = logits.masked_fill(topk_mask(logits.detach(), self.mask_topk, self.mask_drop), float("-inf"))
+        weights = torch.softmax(masked, dim=-1)
+        branch_feats = weights.to(h.dtype) @ h  # (K, D)
         per_branch = torch.einsum("kcd,kd->kc", self.branch_weight.to(h.dtype), branch_feats) + self.branch_bias
-        slide_weights = torch.softmax(logits, dim=-1).mean(0)
         return {
-            "logits": self.classifier(slide_weights.to(h.dtype) @ h),
+            "logits": self.logits_from_pooled(branch_feats),
             "attn_logits": logits.unsqueeze(0),
+            "masked_logits": masked,
             "branch_logits": per_branch,
         }
 
@@ -102,12 +113,13 @@ class ACMIL(MILModel, SoftmaxPooling):
         return self.classifier(pooled.mean(dim=0))
 
     def auxiliary_loss(self, out: dict[str, torch.Tensor], label: torch.Tensor) -> torch.Tensor:
-        """Mean CE of the branch classifiers plus the mean pairwise cosine of branch attentions."""
+        """Mean CE of the branch classifiers plus the mean pairwise cosine of the branches' masked
+        attention (what the official training loop computes from ``A_out``)."""
         branch = out["branch_logits"].float()
         ce = F.cross_entropy(branch, label.reshape(1).expand(branch.shape[0]))
         if self.n_branches < 2:
             return ce
-        attn = F.normalize(torch.softmax(out["attn_logits"][0].float(), dim=-1), dim=-1)
+        attn = F.normalize(torch.softmax(out["masked_logits"].float(), dim=-1), dim=-1)
         cos = attn @ attn.T
         pairs = torch.triu_indices(self.n_branches, self.n_branches, offset=1, device=cos.device)
         return ce + self.diversity_weight * cos[pairs[0], pairs[1]].mean()
