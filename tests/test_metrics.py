@@ -18,9 +18,12 @@ from wsi_asmil.metrics import (
     classification_metrics,
     f1_macro,
     f1_micro,
-    instability_curve,
+    attention_summary,
+    effective_fraction,
+    is_practically_uniform,
     js_divergence,
     last_mean,
+    map_jsd,
     mean_jsd,
     summarize,
 )
@@ -111,13 +114,47 @@ def test_jsd_is_bounded_symmetric_and_matches_scipy(pq: tuple[np.ndarray, np.nda
     assert value == pytest.approx(0.5 * (rel_entr(p, mid).sum() + rel_entr(q, mid).sum()), abs=1e-9)
 
 
-def test_instability_curve_averages_shared_slides_in_epoch_order() -> None:
-    e1 = {"a": np.array([1.0, 0.0]), "b": np.array([0.5, 0.5])}
-    e2 = {"a": np.array([0.0, 1.0]), "b": np.array([0.5, 0.5]), "c": np.array([1.0])}
-    e3 = {"a": np.array([0.0, 1.0])}
-    curve = instability_curve([e1, e2, e3])
-    assert curve == pytest.approx([math.log(2) / 2, 0.0])
+def test_jsd_of_known_value() -> None:
+    """p = (1/2, 1/2), q = (1, 0): mid = (3/4, 1/4); KL(p||mid) = 1/2 ln(4/3), KL(q||mid) = ln(4/3),
+    so JSD = 3/4 ln(4/3) = 0.215762..., and disjoint supports give the maximum ln 2."""
+    assert js_divergence([0.5, 0.5], [1.0, 0.0]) == pytest.approx(0.75 * math.log(4 / 3), abs=1e-15)
+    assert js_divergence([0.5, 0.5], [1.0, 0.0]) == pytest.approx(0.2157615543388357, abs=1e-15)
+    assert js_divergence([1.0, 0.0], [0.0, 1.0]) == pytest.approx(math.log(2), abs=1e-15)
+
+
+def test_map_jsd_averages_per_map_not_the_averaged_map() -> None:
+    """Two heads that swap their peaks: each map moves by ln 2, their mean does not move at all."""
+    before = np.array([[1.0, 0.0], [0.0, 1.0]])
+    after = before[::-1]
+    assert map_jsd(before, after) == pytest.approx(math.log(2))
+    assert js_divergence(before.mean(0), after.mean(0)) == 0.0
+    assert map_jsd(np.array([0.5, 0.5]), np.array([1.0, 0.0])) == pytest.approx(0.75 * math.log(4 / 3))
+    with pytest.raises(ValueError):
+        map_jsd(before, np.ones((3, 2)))
+
+
+def test_mean_jsd_averages_shared_slides() -> None:
+    e1 = {"a": np.array([[1.0, 0.0]]), "b": np.array([[0.5, 0.5]])}
+    e2 = {"a": np.array([[0.0, 1.0]]), "b": np.array([[0.5, 0.5]]), "c": np.array([[1.0]])}
+    assert mean_jsd(e1, e2) == pytest.approx(math.log(2) / 2)
     assert math.isnan(mean_jsd({"x": np.ones(2)}, {"y": np.ones(2)}))
+
+
+def test_effective_fraction_and_attention_summary_by_hand() -> None:
+    assert effective_fraction(np.full(8, 1 / 8)) == pytest.approx(1.0)
+    assert effective_fraction(np.array([1.0, 0, 0, 0])) == pytest.approx(0.25)
+    # Two equal tiles of four: entropy ln 2, exp = 2 tiles, half the bag.
+    assert effective_fraction(np.array([0.5, 0.5, 0, 0])) == pytest.approx(0.5)
+    maps = np.array([[0.5, 0.5, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0]])
+    logits = np.array([[1.0, 1.0, -1.0, -1.0], [2.0, 2.0, -2.0, -2.0]])
+    s = attention_summary(maps, logits, positive=np.array([True, False, False, False]))
+    assert s["effective_fraction"] == pytest.approx(0.5) and s["top_ratio"] == pytest.approx(2.0)
+    assert s["logit_spread"] == pytest.approx(1.5)
+    assert s["positive_mass"] == pytest.approx(0.5)
+    assert s["instance_auc"] == pytest.approx(5 / 6)  # 0.5 vs (0.5, 0, 0): one tie of three pairs
+    assert not is_practically_uniform(s)
+    flat = attention_summary(np.full((3, 100), 0.01), np.zeros((3, 100)))
+    assert is_practically_uniform(flat) and math.isnan(flat["instance_auc"])
 
 
 def test_last_mean_ignores_nan_and_uses_last_n() -> None:

@@ -18,10 +18,10 @@ from wsi_asmil.models import MODELS, build_model, load_model
 from wsi_asmil.train import (
     DEFAULT_PARAMS,
     build_trainer,
-    cosine_schedule,
     evaluate,
     load_bags,
     load_fold,
+    lr_schedule,
     main,
     resolve_params,
     train_fold,
@@ -96,9 +96,14 @@ def test_train_fold_writes_every_output(cohort, tmp_path: Path, caplog: pytest.L
 
     history = pd.read_csv(out / "history.csv")
     assert list(history.columns) == [
-        "epoch", "train_loss", "train_ce", "train_as", "train_aux", "val_loss", "val_acc", "val_f1_macro",
-        "val_auc", "jsd",
+        "epoch", "lr", "train_loss", "train_ce", "train_as", "train_aux", "val_loss", "val_acc",
+        "val_f1_macro", "val_auc", "jsd", "jsd_pooled", "effective_fraction", "map_effective_fraction",
+        "top_ratio", "logit_spread", "positive_mass", "instance_auc", "grad_ratio",
+        "target_effective_fraction",
     ]
+    assert history["lr"][0] == pytest.approx(1e-3) and (history["lr"].diff()[1:] < 0).all()  # cosine
+    assert ((history["effective_fraction"] > 0) & (history["effective_fraction"] <= 1)).all()
+    assert (history["grad_ratio"] > 0).all() and history["positive_mass"].isna().all()  # no truth here
     assert history["epoch"].tolist() == [1, 2, 3]
     assert math.isnan(history["jsd"][0]) and (history["jsd"][1:] >= 0).all()
     assert (history["jsd"][1:] <= math.log(2)).all()
@@ -121,6 +126,11 @@ def test_train_fold_writes_every_output(cohort, tmp_path: Path, caplog: pytest.L
     assert saved["test"]["n"] == 6 and saved["skipped_empty_slides"] == ["empty_train", "empty_test"]
     assert 1 <= saved["selected_epoch"] <= 3 and metrics["selected_epoch"] == saved["selected_epoch"]
     assert saved["instability_last10"] == pytest.approx(history["jsd"][1:].mean())
+    # lr at the start of epochs 1-3 of a cosine: 1, 0.75, 0.25 of the peak; epoch 2 is the high-lr one
+    assert saved["instability_high_lr"] == pytest.approx(history["jsd"][1])
+    assert saved["anchor"]["mode"] == "ema" and saved["anchor"]["steps_per_epoch"] == 14
+    assert saved["anchor"]["horizon_epochs"] == pytest.approx(1000 / 14)
+    assert set(saved["attention"]) >= {"effective_fraction", "top_ratio", "practically_uniform"}
     scores = history["val_f1_macro"] + history["val_auc"]
     assert saved["selected_epoch"] == int(history["epoch"][scores.idxmax()])  # first maximum wins
 
@@ -176,7 +186,7 @@ def test_cli_accepts_json_string_and_file(cohort, tmp_path: Path) -> None:
         ])
         checkpoint = torch.load(out / "model.pt", weights_only=True)
         assert checkpoint["params"]["models"]["abmil_anchor"]["anchor_mode"] == "frozen_random"
-        assert checkpoint["model_kwargs"] == {"hidden": 128, "dropout": 0.0}
+        assert checkpoint["model_kwargs"] == {"hidden": 128, "inner_dim": None, "dropout": 0.0}
         assert (pd.read_csv(out / "history.csv")["train_as"] > 0).all()
     assert (tmp_path / "string" / "metrics.json").read_text() == (tmp_path / "file" / "metrics.json").read_text()
 
@@ -212,7 +222,7 @@ def test_resolve_params_overlays_defaults_without_mutating_them() -> None:
 
 
 def test_default_params_agree_with_model_constructors() -> None:
-    anchor_keys = {"anchor_mode", "anchor_momentum", "tau", "beta", "as_reduction", "target"}
+    anchor_keys = {"anchor_mode", "anchor_momentum", "anchor_horizon_epochs", "tau", "beta", "as_reduction", "target"}
     assert set(DEFAULT_PARAMS["models"]) == set(MODELS)
     for name, spec in MODELS.items():
         defaults = {
@@ -225,9 +235,20 @@ def test_default_params_agree_with_model_constructors() -> None:
         assert (anchor_keys <= set(DEFAULT_PARAMS["models"][name])) == spec.anchored
 
 
+def test_constant_schedule_keeps_the_rate() -> None:
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
+    scheduler = lr_schedule(optimizer, 10, "constant")
+    for _ in range(12):
+        optimizer.step()
+        scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == 0.5
+    with pytest.raises(ValueError, match="schedule"):
+        lr_schedule(optimizer, 10, "linear")
+
+
 def test_cosine_schedule_decays_per_step_to_zero() -> None:
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    scheduler = cosine_schedule(optimizer, 10)
+    scheduler = lr_schedule(optimizer, 10)
     rates = []
     for _ in range(10):
         rates.append(optimizer.param_groups[0]["lr"])
@@ -300,6 +321,7 @@ def test_float16_is_used_only_where_it_is_exact(tmp_path: Path, monkeypatch: pyt
     inexact = np.float32([[0.1, 1e6]])
     arrays = {"exact": exact, "inexact": inexact}
     monkeypatch.setattr(store, "read_features", lambda path: (arrays[Path(path).stem], None, {}))
+    monkeypatch.setattr(store, "read_tile_truth", lambda path: None)
     bags, _ = load_bags(tmp_path, ["exact", "inexact"], {"exact": "normal", "inexact": "tumour"}, CLASSES,
                         torch.device("cpu"), torch.float16)
     assert bags[0].features.dtype == torch.float16 and torch.equal(bags[0].features.float(), torch.from_numpy(exact))
@@ -344,3 +366,16 @@ def test_models_learn_a_sparse_instance_signal(learnable, tmp_path: Path, name: 
     metrics = train_fold(features_dir, split, 0, name, {"epochs": 8, "lr": 2e-3}, tmp_path, "cpu")
     assert metrics["test"]["auc"] >= 0.9, metrics["test"]
     assert metrics["test"]["n"] == 20
+
+
+def test_config_yaml_train_defaults_are_the_trainer_defaults() -> None:
+    """config.yaml is what users read: its train section must say what training does by default."""
+    import yaml
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "config.yaml").read_text())["train"]
+    for key, value in DEFAULT_PARAMS.items():
+        if key == "models":
+            for name, defaults in value.items():
+                assert config[name] == defaults, name
+        elif key != "epochs":  # the demo trains fewer epochs than the paper's default would suggest
+            assert config[key] == value, key

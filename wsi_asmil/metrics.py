@@ -117,17 +117,99 @@ def js_divergence(p: np.ndarray, q: np.ndarray) -> float:
     return float(np.clip(0.5 * (kl_pm + kl_qm), 0.0, math.log(2)))
 
 
+def map_jsd(previous: np.ndarray, current: np.ndarray) -> float:
+    """Mean JSD over the attention maps of one slide: rows of (R, M) arrays, one per head x token
+    (ASMIL), branch (ACMIL) or the single map (ABMIL).
+
+    Averaging per-map divergences, not comparing the maps' average, is what tells a model whose
+    heads each swing from one whose swings cancel out in the mean; a 1-D vector is one map.
+    """
+    p = np.atleast_2d(np.asarray(previous, dtype=np.float64))
+    q = np.atleast_2d(np.asarray(current, dtype=np.float64))
+    if p.shape != q.shape:
+        raise ValueError(f"attention maps differ in shape: {p.shape} vs {q.shape}")
+    if np.any(p < 0) or np.any(q < 0) or np.any(p.sum(1) <= 0) or np.any(q.sum(1) <= 0):
+        raise ValueError("attention maps must be non-negative with a positive sum")
+    p, q = p / p.sum(1, keepdims=True), q / q.sum(1, keepdims=True)
+    mid = 0.5 * (p + q)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        kl_pm = np.where(p > 0, p * np.log(p / mid), 0.0).sum(1)
+        kl_qm = np.where(q > 0, q * np.log(q / mid), 0.0).sum(1)
+    return float(np.clip(0.5 * (kl_pm + kl_qm), 0.0, math.log(2)).mean())
+
+
 def mean_jsd(previous: Mapping[str, np.ndarray], current: Mapping[str, np.ndarray]) -> float:
-    """Mean JSD over the slides present at both epochs; NaN when none are."""
+    """Mean over the slides present at both epochs of :func:`map_jsd`; NaN when none are."""
     shared = [s for s in current if s in previous]
     if not shared:
         return math.nan
-    return float(np.mean([js_divergence(previous[s], current[s]) for s in shared]))
+    return float(np.mean([map_jsd(previous[s], current[s]) for s in shared]))
 
 
-def instability_curve(per_epoch: Sequence[Mapping[str, np.ndarray]]) -> list[float]:
-    """JSD between consecutive epochs in the given (numeric) order: entry e compares e and e+1."""
-    return [mean_jsd(a, b) for a, b in zip(per_epoch[:-1], per_epoch[1:])]
+#: A score map is called practically uniform when it spreads over at least this share of the
+#: tiles (exp(entropy) / M) and no tile carries more than ``UNIFORM_MAX_RATIO`` x 1/M. Such a
+#: model's heatmap and instability say nothing about where it looks: it does not look anywhere.
+UNIFORM_MIN_EFFECTIVE = 0.9
+UNIFORM_MAX_RATIO = 2.0
+
+
+def effective_fraction(weights: np.ndarray) -> np.ndarray:
+    """exp(entropy) / M of each row of (..., M) distributions: 1 = uniform, 1/M = one tile."""
+    w = np.asarray(weights, dtype=np.float64)
+    w = w / w.sum(-1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        entropy = -np.where(w > 0, w * np.log(w), 0.0).sum(-1)
+    return np.exp(entropy) / w.shape[-1]
+
+
+def instance_auc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """ROC AUC of tile scores for the positive tiles; NaN when a bag has only one kind."""
+    positive = np.asarray(positive, dtype=bool)
+    if positive.all() or not positive.any():
+        return math.nan
+    return float(roc_auc_score(positive, np.asarray(scores, dtype=np.float64)))
+
+
+def attention_summary(
+    maps: np.ndarray, logits: np.ndarray, positive: np.ndarray | None = None
+) -> dict[str, float]:
+    """What one slide's attention does, from its maps (R, M) and their pre-softmax logits (R, M).
+
+    ``effective_fraction``: of the score map (mean of the maps, what heatmaps show);
+    ``map_effective_fraction``: mean over the individual maps (a head may be sharp while the mean
+    is flat); ``top_ratio``: the score map's largest weight times M (1 = uniform); ``logit_spread``:
+    standard deviation of the logits over tiles, mean over maps (how far from uniform the softmax
+    can be at all); with per-tile truth ``positive`` (witness or tumour tiles), ``positive_mass``,
+    the share of the score map on them, and ``instance_auc`` of the score map.
+    """
+    maps = np.atleast_2d(np.asarray(maps, dtype=np.float64))
+    logits = np.atleast_2d(np.asarray(logits, dtype=np.float64))
+    score = maps.mean(0)
+    score = score / score.sum()
+    m = score.shape[0]
+    out = {
+        "effective_fraction": float(effective_fraction(score)),
+        "map_effective_fraction": float(effective_fraction(maps).mean()),
+        "top_ratio": float(score.max() * m),
+        "logit_spread": float(logits.std(axis=-1).mean()),
+        "positive_mass": math.nan,
+        "instance_auc": math.nan,
+    }
+    if positive is not None:
+        positive = np.asarray(positive, dtype=bool)
+        if positive.shape != (m,):
+            raise ValueError(f"per-tile truth has shape {positive.shape}, the bag {m} tiles")
+        out["positive_mass"] = float(score[positive].sum()) if positive.any() else math.nan
+        out["instance_auc"] = instance_auc(score, positive)
+    return out
+
+
+def is_practically_uniform(summary: Mapping[str, float]) -> bool:
+    """Whether an :func:`attention_summary` (or a mean of them) describes flat attention."""
+    return (
+        summary["effective_fraction"] >= UNIFORM_MIN_EFFECTIVE
+        and summary["top_ratio"] <= UNIFORM_MAX_RATIO
+    )
 
 
 def last_mean(values: Sequence[float], n: int = 10) -> float:

@@ -34,14 +34,33 @@ from wsi_asmil.cli import setup_logging
 from wsi_asmil.devices import resolve_device, to_device
 from wsi_asmil.io import atomic_path, write_csv, write_json
 from wsi_asmil.memory import BagMemoryError, oom_guard
-from wsi_asmil.metrics import classification_metrics, last_mean, mean_jsd
-from wsi_asmil.models import Anchor, MILLoss, MILModel, build_model, model_spec, save_checkpoint
+from wsi_asmil.metrics import (
+    attention_summary,
+    classification_metrics,
+    is_practically_uniform,
+    last_mean,
+    mean_jsd,
+)
+from wsi_asmil.models import (
+    MODELS,
+    Anchor,
+    MILLoss,
+    MILModel,
+    build_model,
+    model_spec,
+    save_checkpoint,
+    stabilization_loss,
+    target_distribution,
+)
 
 logger = logging.getLogger(__name__)
 
 _ANCHOR_DEFAULTS: dict[str, Any] = {
     "anchor_mode": "ema",  # "ema" (paper) or "frozen_random" (released code: never updated)
     "anchor_momentum": 0.999,  # EMA momentum m: anchor <- m * anchor + (1 - m) * online
+    # The EMA horizon 1 / (1 - m) in epochs instead: m = 1 - 1 / (horizon * steps per epoch).
+    # null keeps anchor_momentum, whose horizon in epochs depends on the fold's size.
+    "anchor_horizon_epochs": None,
     "tau": 0.5,  # NSF temperature of the anchor target
     "beta": 1.0,  # weight of L_AS; 0 trains without the anchor (the ablation)
     "as_reduction": "distribution_mean",  # "distribution_mean" (paper KL), "element_mean" (released)
@@ -49,12 +68,14 @@ _ANCHOR_DEFAULTS: dict[str, Any] = {
 }
 _ABMIL_DEFAULTS: dict[str, Any] = {
     "hidden": 128,  # gated-attention hidden size
-    "dropout": 0.0,  # dropout on the gated hidden layer and the pooled feature
+    "inner_dim": None,  # D of the instance embedding ReLU(W x); null = D_feat // 2
+    "dropout": 0.0,  # dropout on the pooled feature before the classifier
 }
 
 DEFAULT_PARAMS: dict[str, Any] = {
     "epochs": 20,  # demo default; the paper trains 50 (100 for SSL features)
     "lr": 1e-4,  # AdamW peak learning rate, cosine-decayed per step to 0, no warm-up
+    "schedule": "cosine",  # "cosine" (the paper) or "constant" (a diagnostic: instability at full lr)
     "weight_decay": 1e-5,  # AdamW decoupled weight decay (betas fixed at 0.9 / 0.999)
     "grad_clip": 5.0,  # max global gradient norm; null or 0 disables clipping
     "seed": 0,  # seeds python, numpy and torch, the data order and the tile subsets
@@ -95,6 +116,11 @@ DEFAULT_PARAMS: dict[str, Any] = {
 
 ANCHOR_KEYS = tuple(_ANCHOR_DEFAULTS)
 SPLIT_PARTS = ("train", "val", "test")
+SCHEDULES = ("cosine", "constant")
+#: Slides whose gradients are split into the classification and the stabilisation part each epoch.
+GRADIENT_PROBE_BAGS = 8
+#: An epoch counts as high-learning-rate when its rate is at least this share of the peak.
+HIGH_LR_SHARE = 0.5
 
 AutocastFactory = Callable[[], contextlib.AbstractContextManager[Any]]
 
@@ -164,6 +190,7 @@ class Bag:
     label: int
     features: torch.Tensor
     target: torch.Tensor
+    truth: np.ndarray | None = None  # per-tile positives (witness or tumour tiles), when known
 
 
 @dataclass(frozen=True)
@@ -209,17 +236,22 @@ def load_bags(
     classes: Sequence[str],
     device: torch.device,
     dtype: torch.dtype | None = None,
+    tile_truth: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[list[Bag], list[str]]:
     """Read each slide's features once onto ``device``; returns (bags, skipped empty slides).
 
     ``dtype`` defaults to :func:`feature_dtype`. Each bag is copied to the device once, here;
     training and evaluation then never move features between host and device.
 
+    Per-tile truth, for the attention metrics only (never for training), comes from
+    ``tile_truth`` (slide id -> values in row order, positive where > 0) or else from the store's
+    own ``tile_truth`` array (the witness benchmark writes one); without either it is None.
+
     A slide without tissue (M = 0) has no attention distribution and no prediction, so it is left
     out of training and of every metric, with a warning rather than an error: one empty slide must
     not stop a cohort.
     """
-    from wsi_asmil.store import read_features  # zarr only where stores are read (not the GPU benchmark)
+    from wsi_asmil.store import read_features, read_tile_truth  # zarr only where stores are read
 
     dtype = feature_dtype(device) if dtype is None else dtype
     if dtype not in _NUMPY_DTYPES:
@@ -233,7 +265,16 @@ def load_bags(
             raise ValueError(
                 f"slide {slide_id!r} has label {labels[slide_id]!r}, not one of {list(classes)}"
             )
-        features, _, _ = read_features(Path(features_dir) / f"{slide_id}.zarr")
+        store = Path(features_dir) / f"{slide_id}.zarr"
+        features, _, _ = read_features(store)
+        truth = tile_truth.get(slide_id) if tile_truth is not None else None
+        truth = read_tile_truth(store) if truth is None else truth
+        if truth is not None:
+            truth = np.asarray(truth) > 0
+            if truth.shape != (features.shape[0],):
+                raise ValueError(
+                    f"slide {slide_id!r}: per-tile truth has {truth.shape[0]} rows, its features {features.shape[0]}"
+                )
         with np.errstate(over="ignore"):  # an overflow is not exact: that bag stays float32
             held = features.astype(_NUMPY_DTYPES[dtype], copy=False)  # converted on the host
         if np.array_equal(held, features):  # exact (always, for stores written by store.py)
@@ -250,7 +291,7 @@ def load_bags(
             f"{features.shape[1]}-d): set train.device: cpu, or free the GPU",
         ):
             features_t = torch.from_numpy(features).to(device)
-        bags.append(Bag(slide_id, label, features_t, torch.tensor(label, device=device)))
+        bags.append(Bag(slide_id, label, features_t, torch.tensor(label, device=device), truth))
     return bags, skipped
 
 
@@ -260,13 +301,14 @@ def load_fold(
     fold: int,
     device: torch.device,
     dtype: torch.dtype | None = None,
+    tile_truth: Mapping[str, np.ndarray] | None = None,
 ) -> FoldData:
     """All bags of one fold in memory on ``device`` (features are small; no per-epoch I/O)."""
     classes, labels, parts = load_split(split, fold)
     bags: dict[str, list[Bag]] = {}
     skipped: list[str] = []
     for part, ids in parts.items():
-        bags[part], part_skipped = load_bags(features_dir, ids, labels, classes, device, dtype)
+        bags[part], part_skipped = load_bags(features_dir, ids, labels, classes, device, dtype, tile_truth)
         skipped += [s for s in part_skipped if s not in skipped]
     if not bags["train"]:
         raise ValueError(f"fold {fold} has no non-empty training slide")
@@ -292,14 +334,40 @@ def autocast_factory(device: torch.device, amp: bool) -> AutocastFactory:
     return contextlib.nullcontext
 
 
-def cosine_schedule(
-    optimizer: torch.optim.Optimizer, total_steps: int
+def lr_schedule(
+    optimizer: torch.optim.Optimizer, total_steps: int, kind: str = "cosine"
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-step cosine decay from the base rate to 0 over ``total_steps``, without warm-up."""
+    """Per-step cosine decay from the base rate to 0 over ``total_steps``, without warm-up; or a
+    constant rate, the diagnostic that shows instability where the rate never falls."""
+    if kind == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    if kind != "cosine":
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {kind!r}")
     total = max(1, total_steps)
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
     )
+
+
+def anchor_momentum(anchor_cfg: Mapping[str, Any], steps_per_epoch: int) -> float:
+    """The EMA momentum m: ``anchor_momentum``, or derived from ``anchor_horizon_epochs``.
+
+    The anchor averages the online model over about 1 / (1 - m) optimizer steps. At m = 0.999
+    that is 2.5 epochs of the paper's 400 slides but about 67 epochs of a 15-slide fold, where the
+    anchor then stays close to the initial model for the whole run. A horizon in epochs keeps the
+    anchor's memory the same whatever the cohort's size.
+    """
+    horizon = anchor_cfg.get("anchor_horizon_epochs")
+    if horizon is None:
+        return float(anchor_cfg["anchor_momentum"])
+    if float(horizon) <= 0:
+        raise ValueError(f"anchor_horizon_epochs must be positive, got {horizon}")
+    return max(0.0, 1.0 - 1.0 / (float(horizon) * max(1, steps_per_epoch)))
+
+
+def horizon_epochs(momentum: float, steps_per_epoch: int) -> float:
+    """The anchor's memory 1 / (1 - m) in epochs (infinite for m = 1: an anchor that never moves)."""
+    return math.inf if momentum >= 1.0 else 1.0 / ((1.0 - momentum) * max(1, steps_per_epoch))
 
 
 @dataclass
@@ -327,7 +395,8 @@ def build_trainer(
         model.input_norm.fit([b.features for b in data.bags["train"]])
     anchor, loss_fn = None, MILLoss()
     if model_spec(model_name).anchored and float(anchor_cfg["beta"]) > 0:
-        anchor = Anchor(model, anchor_cfg["anchor_mode"], float(anchor_cfg["anchor_momentum"]))
+        momentum = anchor_momentum(anchor_cfg, len(data.bags["train"]))
+        anchor = Anchor(model, anchor_cfg["anchor_mode"], momentum)
         anchor = anchor.to(device)
         loss_fn = MILLoss(
             float(anchor_cfg["beta"]), float(anchor_cfg["tau"]), anchor_cfg["as_reduction"],
@@ -339,7 +408,7 @@ def build_trainer(
         betas=(0.9, 0.999),
         weight_decay=float(params["weight_decay"]),
     )
-    scheduler = cosine_schedule(optimizer, int(params["epochs"]) * len(data.bags["train"]))
+    scheduler = lr_schedule(optimizer, int(params["epochs"]) * len(data.bags["train"]), params["schedule"])
     return Trainer(
         model, anchor, loss_fn, optimizer, scheduler, np.random.default_rng(int(params["seed"])),
         params, autocast_factory(device, bool(params["amp"])),
@@ -406,27 +475,47 @@ def train_one_epoch(
 
 @dataclass
 class EvalResult:
+    """One evaluation pass. ``attention`` is each slide's score map (M,), the mean of its
+    attention maps; ``maps`` keeps every map (R, M) (head x token, branch) for the per-map
+    instability; ``summaries`` describe each slide's attention (:func:`attention_summary`)."""
+
     slide_ids: list[str]
     labels: np.ndarray
     probs: np.ndarray
     loss: float
     attention: dict[str, np.ndarray]
+    maps: dict[str, np.ndarray]
+    summaries: dict[str, dict[str, float]]
 
     def metrics(self) -> dict[str, float]:
         return {"loss": self.loss, **classification_metrics(self.labels, self.probs)}
+
+    def attention_means(self) -> dict[str, float]:
+        return mean_summaries(self.summaries)
+
+
+def mean_summaries(summaries: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """Mean over slides of each attention summary, leaving out undefined values (a slide without
+    truth has no positive mass; one without tumour no instance AUC)."""
+    keys = next(iter(summaries.values()), {}).keys()
+    means = {}
+    for key in keys:
+        values = np.array([s[key] for s in summaries.values()], dtype=np.float64)
+        means[key] = float(np.nanmean(values)) if np.isfinite(values).any() else math.nan
+    return means
 
 
 @torch.no_grad()
 def evaluate(
     model: MILModel, bags: Sequence[Bag], n_classes: int, autocast: AutocastFactory
 ) -> EvalResult:
-    """Eval-mode probabilities, mean slide CE, and each slide's attention vector (M,).
+    """Eval-mode probabilities, mean slide CE, and each slide's attention maps and their summary.
 
     The validation loss is the slide cross-entropy only: L_AS depends on the anchor, a training
     device that would make losses of different anchor settings incomparable.
     """
     model.eval()
-    losses, probs, weights = [], [], []
+    losses, probs, maps, logits_all = [], [], [], []
     for bag in bags:
         with oom_guard("evaluating", bag.slide_id, int(bag.features.shape[0]), bag.features.device, _EVAL_ADVICE):
             with autocast():
@@ -434,22 +523,66 @@ def evaluate(
         logits = out["logits"].float()
         losses.append(F.cross_entropy(logits[None], bag.target[None]))
         probs.append(torch.softmax(logits, dim=-1))
-        weights.append(torch.softmax(out["attn_logits"].float(), dim=-1).mean(dim=(0, 1)))
+        attn_logits = out["attn_logits"].float().flatten(0, 1)  # (R, M): one row per map
+        logits_all.append(attn_logits)
+        maps.append(torch.softmax(attn_logits, dim=-1))
     attention: dict[str, np.ndarray] = {}
+    per_map: dict[str, np.ndarray] = {}
+    summaries: dict[str, dict[str, float]] = {}
     loss, probs_h = math.nan, np.zeros((0, n_classes))
-    if bags:  # results reach the host once per evaluation, not three times per slide
+    if bags:  # results reach the host once per evaluation, not once per slide
         loss = float(np.mean(torch.stack(losses).cpu().numpy().astype(np.float64)))
         probs_h = torch.stack(probs).cpu().numpy()
-        sizes = [int(w.shape[0]) for w in weights]
-        for bag, w in zip(bags, torch.cat(weights).cpu().split(sizes)):
-            attention[bag.slide_id] = w.numpy()
+        sizes = [int(w.shape[1]) for w in maps]
+        host_maps = torch.cat(maps, dim=1).cpu().split(sizes, dim=1)
+        host_logits = torch.cat(logits_all, dim=1).cpu().split(sizes, dim=1)
+        for bag, w, z in zip(bags, host_maps, host_logits):
+            per_map[bag.slide_id] = w.numpy()
+            attention[bag.slide_id] = w.mean(dim=0).numpy()
+            summaries[bag.slide_id] = attention_summary(w.numpy(), z.numpy(), bag.truth)
     return EvalResult(
         slide_ids=[b.slide_id for b in bags],
         labels=np.array([b.label for b in bags], dtype=np.int64),
         probs=probs_h,
         loss=loss,
         attention=attention,
+        maps=per_map,
+        summaries=summaries,
     )
+
+
+def gradient_split(trainer: Trainer, bags: Sequence[Bag]) -> dict[str, float]:
+    """How much the anchor pulls: ||grad beta L_AS|| / ||grad CE|| over the model's parameters,
+    and the anchor target's effective tile fraction, on up to ``GRADIENT_PROBE_BAGS`` training
+    bags in eval mode (no dropout, every token: no random numbers drawn, so training is unchanged).
+
+    A ratio near zero means the stabilisation term cannot move the model whatever beta says (the
+    target equals the online attention where attention is flat); NaN without an anchor.
+    """
+    if trainer.anchor is None:
+        return {"grad_ratio": math.nan, "target_effective_fraction": math.nan}
+    model, loss_fn = trainer.model, trainer.loss_fn
+    params = [p for p in model.parameters() if p.requires_grad]
+    ratios, fractions = [], []
+    model.eval()
+    for bag in bags[:GRADIENT_PROBE_BAGS]:
+        x = bag.features.float()
+        out = model(x)
+        anchor_logits = trainer.anchor.attention_logits(x)
+        ce = F.cross_entropy(out["logits"].float()[None], bag.target[None])
+        stab = loss_fn.beta * stabilization_loss(
+            out["attn_logits"], anchor_logits, loss_fn.tau, loss_fn.reduction, loss_fn.target
+        )
+        norms = []
+        for term, retain in ((ce, True), (stab, False)):
+            grads = torch.autograd.grad(term, params, retain_graph=retain, allow_unused=True)
+            norms.append(torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None)))
+        ratios.append(norms[1] / norms[0].clamp_min(1e-30))
+        target = target_distribution(anchor_logits, loss_fn.tau, loss_fn.target).flatten(0, 1)
+        fractions.append(torch.exp(-torch.xlogy(target, target).sum(-1)).mean() / target.shape[-1])
+    model.train()
+    ratio, fraction = torch.stack(ratios).mean().item(), torch.stack(fractions).mean().item()
+    return {"grad_ratio": ratio, "target_effective_fraction": fraction}
 
 
 def selection_score(val: Mapping[str, float]) -> float:
@@ -486,27 +619,34 @@ def run_epochs(trainer: Trainer, data: FoldData, label: str) -> RunResult:
         raise ValueError("epochs must be >= 1")
     n_classes = len(data.classes)
     rows: list[dict[str, float]] = []
-    previous: dict[str, np.ndarray] | None = None
+    previous: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None = None
     best: Snapshot | None = None
     bar = tqdm(range(1, epochs + 1), desc=label, disable=None)
     for epoch in bar:
+        lr = float(trainer.scheduler.get_last_lr()[0])
         stats = train_one_epoch(trainer, data.bags["train"], desc=f"epoch {epoch}")
         val = evaluate(trainer.model, data.bags["val"], n_classes, trainer.autocast)
         test = evaluate(trainer.model, data.bags["test"], n_classes, trainer.autocast)
-        attention = {**val.attention, **test.attention}
-        jsd = math.nan if previous is None else mean_jsd(previous, attention)
-        previous = attention
+        maps, pooled = {**val.maps, **test.maps}, {**val.attention, **test.attention}
+        jsd = jsd_pooled = math.nan
+        if previous is not None:
+            jsd, jsd_pooled = mean_jsd(previous[0], maps), mean_jsd(previous[1], pooled)
+        previous = (maps, pooled)
         vm = val.metrics()
         rows.append({
-            "epoch": epoch, "train_loss": stats["loss"], "train_ce": stats["ce"],
+            "epoch": epoch, "lr": lr, "train_loss": stats["loss"], "train_ce": stats["ce"],
             "train_as": stats["as"], "train_aux": stats["aux"], "val_loss": vm["loss"],
             "val_acc": vm["acc"],
-            "val_f1_macro": vm["f1_macro"], "val_auc": vm["auc"], "jsd": jsd,
+            "val_f1_macro": vm["f1_macro"], "val_auc": vm["auc"], "jsd": jsd, "jsd_pooled": jsd_pooled,
+            **mean_summaries({**val.summaries, **test.summaries}),
+            **gradient_split(trainer, data.bags["train"]),
         })
         logger.info(
-            "%s epoch %d/%d loss %.4f (ce %.4f as %.4f) val loss %.4f acc %.3f f1 %.3f auc %.3f "
-            "jsd %.4g", label, epoch, epochs, stats["loss"], stats["ce"], stats["as"], vm["loss"],
-            vm["acc"], vm["f1_macro"], vm["auc"], jsd,
+            "%s epoch %d/%d lr %.3g loss %.4f (ce %.4f as %.4f) val loss %.4f acc %.3f f1 %.3f auc %.3f "
+            "jsd %.4g effective tiles %.3f top %.2fx uniform grad ratio %.3g", label, epoch, epochs, lr,
+            stats["loss"], stats["ce"], stats["as"], vm["loss"], vm["acc"], vm["f1_macro"], vm["auc"], jsd,
+            rows[-1].get("effective_fraction", math.nan), rows[-1].get("top_ratio", math.nan),
+            rows[-1]["grad_ratio"],
         )
         bar.set_postfix(loss=f"{stats['loss']:.3f}", val_f1=f"{vm['f1_macro']:.3f}")
         score = selection_score(vm)
@@ -531,11 +671,12 @@ def plot_curves(history: pd.DataFrame, selected_epoch: int, path: Path, title: s
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
     panels = [
         ("loss", ["train_loss", "train_ce", "train_as", "train_aux", "val_loss"]),
         ("validation", ["val_acc", "val_f1_macro", "val_auc"]),
-        ("attention instability (JSD, nats)", ["jsd"]),
+        ("attention instability (JSD, nats)", ["jsd", "jsd_pooled"]),
+        ("attention (val + test)", ["effective_fraction", "positive_mass", "instance_auc", "grad_ratio"]),
     ]
     for ax, (name, columns) in zip(axes, panels):
         for column in columns:
@@ -564,8 +705,32 @@ def predictions_frame(result: EvalResult, classes: Sequence[str]) -> pd.DataFram
     return frame
 
 
+def instability_summary(history: pd.DataFrame, peak_lr: float) -> dict[str, float]:
+    """The per-map JSD over the last 10 epochs (the paper's window) and over the epochs trained at
+    a high rate (at least ``HIGH_LR_SHARE`` of the peak), and the pooled map's JSD for comparison.
+
+    Under a cosine schedule the last 10 epochs run at a rate near 0, where every model's attention
+    stops moving; instability is a property of the high-rate epochs.
+    """
+    high = history[history["lr"] >= HIGH_LR_SHARE * peak_lr]
+    finite = lambda column: [v for v in column.tolist() if not math.isnan(v)]  # noqa: E731
+    mean = lambda values: float(np.mean(values)) if values else math.nan  # noqa: E731
+    return {
+        "instability_last10": last_mean(history["jsd"].tolist(), 10),
+        "instability_high_lr": mean(finite(high["jsd"])),
+        "instability_pooled_last10": last_mean(history["jsd_pooled"].tolist(), 10),
+        "grad_ratio_high_lr": mean(finite(high["grad_ratio"])),
+    }
+
+
 def write_outputs(
-    out: Path, run: RunResult, data: FoldData, model_name: str, fold: int, params: dict[str, Any]
+    out: Path,
+    run: RunResult,
+    data: FoldData,
+    model_name: str,
+    fold: int,
+    params: dict[str, Any],
+    anchor: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Every artefact of the fold, each written atomically; returns the metrics.json content."""
     meta = {
@@ -585,6 +750,8 @@ def write_outputs(
     )
     write_csv(out / "instability.csv", instability)
     write_csv(out / "predictions.csv", predictions_frame(run.best.test, data.classes))
+    test_attention = run.best.test.attention_means()
+    uniform = bool(test_attention) and is_practically_uniform(test_attention)
     metrics = {
         "model": model_name,
         "fold": fold,
@@ -594,7 +761,9 @@ def write_outputs(
         "test": run.best.test.metrics(),
         "test_last": run.last.test.metrics(),
         "val": run.best.val.metrics(),
-        "instability_last10": last_mean(history["jsd"].tolist(), 10),
+        **instability_summary(history, float(params["lr"])),
+        "attention": {**test_attention, "practically_uniform": uniform},
+        "anchor": dict(anchor or {}),
         "skipped_empty_slides": data.skipped,
     }
     write_json(out / "metrics.json", metrics)
@@ -625,8 +794,15 @@ def train_fold(
         fold, model_name, dev, *(len(data.bags[p]) for p in SPLIT_PARTS), len(data.skipped),
     )
     trainer = build_trainer(model_name, data, resolved, dev)
+    anchor = None
+    if trainer.anchor is not None:
+        steps = len(data.bags["train"])
+        anchor = {"mode": trainer.anchor.mode, "momentum": trainer.anchor.momentum,
+                  "horizon_epochs": horizon_epochs(trainer.anchor.momentum, steps), "steps_per_epoch": steps}
+        logger.info("anchor %s, momentum %.6g: horizon %.3g epochs of %d steps", anchor["mode"],
+                    anchor["momentum"], anchor["horizon_epochs"], steps)
     run = run_epochs(trainer, data, f"{model_name} fold {fold}")
-    metrics = write_outputs(Path(out_dir), run, data, model_name, fold, resolved)
+    metrics = write_outputs(Path(out_dir), run, data, model_name, fold, resolved, anchor)
     test = metrics["test"]
     logger.info(
         "selected epoch %d: test acc %.3f macro F1 %.3f AUC %.3f",
@@ -657,10 +833,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--features-dir", required=True, help="folder of <slide_id>.zarr stores")
     parser.add_argument("--split", required=True, help="split JSON (classes, labels, folds)")
     parser.add_argument("--fold", type=int, required=True)
-    parser.add_argument("--model", required=True, help="asmil, abmil or abmil_anchor")
+    parser.add_argument("--model", required=True, choices=sorted(MODELS))
     parser.add_argument("--params", default="{}", help="training params: JSON file or string")
     parser.add_argument("--out-dir", required=True)
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     args = parser.parse_args(argv)
     setup_logging()
     from tqdm.contrib.logging import logging_redirect_tqdm

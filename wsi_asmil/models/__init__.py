@@ -5,7 +5,7 @@ from wsi_asmil.models.asmil import ASMIL, select_tokens
 from wsi_asmil.models.attention import MultiHeadCrossAttention
 from wsi_asmil.models.base import MILModel
 from wsi_asmil.models.ema import ANCHOR_MODES, Anchor
-from wsi_asmil.models.loss import AS_REDUCTIONS, MILLoss, stabilization_loss
+from wsi_asmil.models.loss import AS_REDUCTIONS, MILLoss, stabilization_loss, target_distribution
 from wsi_asmil.models.nsf import nsf
 from wsi_asmil.models.registry import MODELS, build_model, load_model, model_spec, save_checkpoint
 from wsi_asmil.models.transmil import TransMIL
@@ -28,4 +28,5 @@ __all__ = [
     "save_checkpoint",
     "select_tokens",
     "stabilization_loss",
+    "target_distribution",
 ]

@@ -12,6 +12,21 @@ AS_REDUCTIONS = ("distribution_mean", "element_mean")
 TARGETS = ("nsf", "softmax")
 
 
+def target_distribution(anchor_logits: torch.Tensor, tau: float = 0.5, target_fn: str = "nsf") -> torch.Tensor:
+    """The anchor's target over tiles, detached, in float32: NSF(z / tau), or softmax(z / tau).
+
+    NSF is not shift-invariant: adding one constant to every logit changes how many tiles the
+    target spreads over (all logits far above 0 give a uniform target, logits near 0 a target that
+    follows the online softmax), so training reports the target's effective tile fraction.
+    """
+    anchor = anchor_logits.detach().float()
+    if target_fn == "nsf":
+        return nsf(anchor, tau)
+    if target_fn == "softmax":
+        return torch.softmax(anchor / tau, dim=-1)
+    raise ValueError(f"target must be one of {TARGETS}, got {target_fn!r}")
+
+
 def stabilization_loss(
     online_logits: torch.Tensor,
     anchor_logits: torch.Tensor,
@@ -27,13 +42,7 @@ def stabilization_loss(
     of 1/M. ``log P`` comes from ``log_softmax`` so it cannot underflow to ``-inf``.
     ``target_fn="softmax"`` replaces NSF by a tempered softmax: the paper's "without NSF" ablation.
     """
-    anchor = anchor_logits.detach().float()
-    if target_fn == "nsf":
-        target = nsf(anchor, tau)
-    elif target_fn == "softmax":
-        target = torch.softmax(anchor / tau, dim=-1)
-    else:
-        raise ValueError(f"target must be one of {TARGETS}, got {target_fn!r}")
+    target = target_distribution(anchor_logits, tau, target_fn)
     log_p = F.log_softmax(online_logits.float(), dim=-1)
     if reduction == "element_mean":
         return -(target * log_p).mean()
