@@ -14,6 +14,8 @@ Two kinds of store exist, both Zarr format 3 directories written atomically:
     ``coords``    (M, 2) int64, identical to the tiles store's coords
     attrs: ``kind="features"``, the tiles store's attrs plus encoder, weights, input_size,
     norm_mean, norm_std, feature_dim.
+    ``tile_truth`` (M,) int8, optional: per-tile ground truth of synthetic feature cohorts
+    (:mod:`wsi_asmil.synthetic.witness`), in row order; read it with :func:`read_tile_truth`.
 
 A slide without tissue has M = 0 and is still a complete store: training skips it with a warning.
 
@@ -41,6 +43,8 @@ from wsi_asmil.io import atomic_path, write_json
 from wsi_asmil.provenance import store_pointer
 
 ROWS_PER_CHUNK = 4096
+#: Name of the optional per-tile truth array of a features store (see :func:`read_tile_truth`).
+TILE_TRUTH = "tile_truth"
 
 
 def provenance() -> dict[str, Any]:
@@ -248,3 +252,11 @@ def read_features(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray,
 def lazy_features(path: str | os.PathLike[str]) -> zarr.Array:
     """The features array without reading it, for callers that slice rows."""
     return open_store(path)["features"]
+
+
+def read_tile_truth(path: str | os.PathLike[str]) -> np.ndarray | None:
+    """The per-tile truth (M,) int8 of a features store, in row order; None when it has none."""
+    g = open_store(path)
+    if TILE_TRUTH not in g.array_keys():
+        return None
+    return np.asarray(g[TILE_TRUTH][:], dtype=np.int8)
