@@ -29,7 +29,10 @@ from wsi_asmil.train import (
 )
 
 CLASSES = ["normal", "tumour"]
-OUTPUTS = ["model.pt", "last.pt", "history.csv", "instability.csv", "predictions.csv", "metrics.json", "curves.png"]
+OUTPUTS = [
+    "model.pt", "last.pt", "history.csv", "instability.csv", "attention.csv", "predictions.csv", "metrics.json",
+    "curves.png",
+]
 
 
 def write_store(path: Path, features: np.ndarray) -> None:

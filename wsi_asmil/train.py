@@ -723,6 +723,21 @@ def instability_summary(history: pd.DataFrame, peak_lr: float) -> dict[str, floa
     }
 
 
+def attention_frame(result: EvalResult, data: FoldData) -> pd.DataFrame:
+    """One row per test slide at the selected epoch: its attention summary, tiles and positives."""
+    truth = {b.slide_id: b.truth for b in data.bags["test"]}
+    rows = []
+    for slide_id, label in zip(result.slide_ids, result.labels):
+        positives = truth.get(slide_id)
+        rows.append({
+            "slide_id": slide_id, "label": data.classes[label],
+            "n_tiles": len(result.attention[slide_id]),
+            "n_positive": math.nan if positives is None else int(positives.sum()),
+            **result.summaries[slide_id],
+        })
+    return pd.DataFrame(rows)
+
+
 def write_outputs(
     out: Path,
     run: RunResult,
@@ -750,6 +765,7 @@ def write_outputs(
     )
     write_csv(out / "instability.csv", instability)
     write_csv(out / "predictions.csv", predictions_frame(run.best.test, data.classes))
+    write_csv(out / "attention.csv", attention_frame(run.best.test, data))
     test_attention = run.best.test.attention_means()
     uniform = bool(test_attention) and is_practically_uniform(test_attention)
     metrics = {
@@ -779,16 +795,18 @@ def train_fold(
     params: Mapping[str, Any] | None,
     out_dir: str | os.PathLike[str],
     device: str = "auto",
+    tile_truth: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """Train ``model_name`` on fold ``fold`` and write model.pt, last.pt, history.csv,
-    instability.csv, predictions.csv, metrics.json and curves.png into ``out_dir``.
+    instability.csv, attention.csv, predictions.csv, metrics.json and curves.png into ``out_dir``.
 
-    Returns the content of metrics.json (with NaN where the file has null).
+    ``tile_truth`` (slide id -> per-tile positives) feeds the attention metrics only; stores that
+    carry their own truth need none. Returns the content of metrics.json (NaN where it has null).
     """
     model_spec(model_name)
     resolved = resolve_params(params)
     dev = resolve_device(device)
-    data = load_fold(features_dir, split, fold, dev)
+    data = load_fold(features_dir, split, fold, dev, tile_truth=tile_truth)
     logger.info(
         "fold %d, %s on %s: %d train, %d val, %d test slides (%d empty skipped)",
         fold, model_name, dev, *(len(data.bags[p]) for p in SPLIT_PARTS), len(data.skipped),
