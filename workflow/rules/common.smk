@@ -9,6 +9,7 @@ sys.path.insert(0, workflow.basedir)
 from wsi_asmil import __version__ as VERSION
 from wsi_asmil.cohort import check_split_feasible, match_cohort
 from wsi_asmil.inventory import usable_ids
+from wsi_asmil.packaged_weights import check_weights_setting
 from wsi_asmil.slide import discover_slides
 from wsi_asmil.synthetic import demo_slide_ids
 from wsi_asmil.tile import TileParams
@@ -55,6 +56,7 @@ def slide_path(wildcards):
     return slide_file(wildcards.slide)
 
 
+check_weights_setting(config["features"]["encoder"], config["features"]["weights"])
 TILING = TileParams(**config["tiling"]).tag()
 ENCODER = config["features"]["encoder"].replace("/", "_").replace(":", "_")
 FOLDS = list(range(1 if config["split"]["mode"] == "fixed" else config["split"]["folds"]))
