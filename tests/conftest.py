@@ -7,9 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+import yaml
 
 DATA = Path(__file__).parent / "data"
 REAL_SLIDE = DATA / "cmu_small_region.svs"
+#: config.yaml's features section: what workflow runs that leave the encoder unset use (the demo's
+#: encoder, weights and so its feature folder ``features/<tiling>/<encoder>/``).
+CONFIG_FEATURES = yaml.safe_load((Path(__file__).parents[1] / "config.yaml").read_text())["features"]
 
 
 def write_generic_tiff(path: Path, rgb: np.ndarray, mpp: float | None = None) -> Path:

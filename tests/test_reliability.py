@@ -45,7 +45,7 @@ import tifffile
 import torch
 import yaml
 
-from conftest import physical_pattern, write_generic_tiff
+from conftest import CONFIG_FEATURES, physical_pattern, write_generic_tiff
 from wsi_asmil import store
 from wsi_asmil.cohort import LabelTableError, check_split_feasible, match_cohort
 from wsi_asmil.encoders import build_encoder
@@ -61,7 +61,10 @@ REPO = Path(__file__).resolve().parents[1]
 HOOKS = Path(__file__).parent / "hooks"
 PY = sys.executable
 TILING = "0.5mpp_224px"
+#: The encoder of the tests that call wsi_asmil.features directly: random ResNet-18 (fast, 512-d).
 ENCODER = "resnet18"
+#: The feature folder of the workflow runs here, which keep config.yaml's encoder.
+WORKFLOW_ENCODER = CONFIG_FEATURES["encoder"]
 
 # The smallest workflow that still trains: CPU, one model, two epochs, no heatmaps.
 E2E_CONFIG = {
@@ -628,12 +631,12 @@ def test_hostile_slide_id_through_snakemake(tmp_path: Path) -> None:
     pd.DataFrame({"slide_id": [HOSTILE], "label": [""]}).to_csv(labels, index=False)
     wd = workdir(tmp_path)
     config = cohort_config(tmp_path, slides, labels)
-    target = tmp_path / "out" / "features" / TILING / ENCODER / f"{HOSTILE}.zarr"
+    target = tmp_path / "out" / "features" / TILING / WORKFLOW_ENCODER / f"{HOSTILE}.zarr"
     snakemake(wd, config, str(target))
     feats, coords, attrs = store.read_features(target)
     assert attrs["slide_id"] == HOSTILE and len(coords) > 0
     assert (tmp_path / "out" / "segment" / HOSTILE / "mask.png").exists()
-    assert (tmp_path / "out" / "logs" / "features" / TILING / ENCODER / f"{HOSTILE}.log").exists()
+    assert (tmp_path / "out" / "logs" / "features" / TILING / WORKFLOW_ENCODER / f"{HOSTILE}.log").exists()
     for where in (wd, tmp_path, REPO, slides):
         assert not list(where.glob("PWNED*")), where
 
@@ -804,7 +807,7 @@ def bad_cohort_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     config = cohort_config(tmp, slides, labels)
     out = tmp / "out"
     usable = [*HOSTILE_IDS, "corrupt tile", "blank glass", "mpp in table", "unlabeled extra"]
-    targets = [str(out / "features" / TILING / ENCODER / f"{s}.zarr") for s in usable]
+    targets = [str(out / "features" / TILING / WORKFLOW_ENCODER / f"{s}.zarr") for s in usable]
     targets += [*train_targets(out), str(out / "report" / "metrics.json")]
     start = time.monotonic()
     proc = snakemake(wd, config, *targets)
@@ -837,12 +840,12 @@ def test_bad_cohort_stores_are_consistent_and_corrupt_tiles_counted(bad_cohort_r
     failed = {}
     for sid in bad_cohort_run["usable"]:
         tiles, _, _ = store.read_tiles(out / "tiles" / TILING / f"{sid}.zarr")
-        feats, coords, attrs = store.read_features(out / "features" / TILING / ENCODER / f"{sid}.zarr")
+        feats, coords, attrs = store.read_features(out / "features" / TILING / WORKFLOW_ENCODER / f"{sid}.zarr")
         assert len(tiles) == len(coords) + attrs["n_failed_tiles"] and feats.shape[0] == len(coords)
         assert attrs["slide_id"] == sid
         failed[sid] = attrs["n_failed_tiles"]
     assert failed["corrupt tile"] > 0 and sum(failed.values()) == failed["corrupt tile"]
-    assert "could not be decoded" in (out / "logs" / "features" / TILING / ENCODER / "corrupt tile.log").read_text()
+    assert "could not be decoded" in (out / "logs" / "features" / TILING / WORKFLOW_ENCODER / "corrupt tile.log").read_text()
 
 
 @pytest.mark.slow
@@ -885,7 +888,7 @@ def _run_outputs(out: Path, ids: list[str]) -> dict:
     result: dict = {}
     for sid in ids:
         result[f"tiles {sid}"] = store.read_tiles(out / "tiles" / TILING / f"{sid}.zarr")[0]
-        result[f"features {sid}"] = store.read_features(out / "features" / TILING / ENCODER / f"{sid}.zarr")[0]
+        result[f"features {sid}"] = store.read_features(out / "features" / TILING / WORKFLOW_ENCODER / f"{sid}.zarr")[0]
     for k in range(2):
         fold = out / "models" / "abmil" / f"fold{k}"
         model, _ = load_model(fold / "model.pt")
@@ -916,8 +919,8 @@ def test_sigkill_workflow_in_tiling_features_and_training_then_rerun_equals_unin
         WSI_ASMIL_KILL_BEFORE_RENAME=f"/{TILING}/s1.zarr", WSI_ASMIL_KILL_AFTER_ROWS="s2.zarr:4"))
     assert first.returncode != 0
     assert not (out / "tiles" / TILING / "s1.zarr").exists()
-    assert not (out / "features" / TILING / ENCODER / "s2.zarr").exists()
-    assert (out / "features" / TILING / ENCODER / "s0.zarr").exists()  # the others finished
+    assert not (out / "features" / TILING / WORKFLOW_ENCODER / "s2.zarr").exists()
+    assert (out / "features" / TILING / WORKFLOW_ENCODER / "s0.zarr").exists()  # the others finished
     assert not (out / "models").exists()
 
     # 2. Rerun; SIGKILL Snakemake and every job (the machine dies) once fold 1's model.pt is in place

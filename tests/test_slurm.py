@@ -29,6 +29,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from conftest import CONFIG_FEATURES
 from wsi_asmil import store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -352,7 +353,7 @@ def test_workflow_on_a_real_slurm_cluster(tmp_path: Path) -> None:
 
     # 4. the same results as the local run
     ids = [f"demo_{i:03d}" for i in range(N_SLIDES)]
-    tiling, encoder = "0.5mpp_224px", "resnet18"
+    tiling, encoder = "0.5mpp_224px", CONFIG_FEATURES["encoder"]
     runs = sorted((slurm_out / "manifests").glob("*.json"))
     assert len(runs) == 2  # the cluster run and the re-run of segment + tile, each recorded
     assert json.loads((slurm_out / "manifest.json").read_text()) == json.loads(runs[-1].read_text())

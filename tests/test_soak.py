@@ -17,8 +17,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from test_reliability import (ENCODER, TILING, blank_slide, corrupt_tile, make_slide, planned, snakemake,
-                              workdir)
+from test_reliability import (TILING, WORKFLOW_ENCODER, blank_slide, corrupt_tile, make_slide, planned,
+                              snakemake, workdir)
 from wsi_asmil import store
 from wsi_asmil.synthetic import write_cohort
 
@@ -84,9 +84,9 @@ def test_soak_cohort_of_50_slides_on_2_cores(tmp_path: Path) -> None:
     failed, empty = {}, []
     for sid in usable:
         tiles, _, _ = store.read_tiles(out / "tiles" / TILING / f"{sid}.zarr")
-        feats, coords, attrs = store.read_features(out / "features" / TILING / ENCODER / f"{sid}.zarr")
+        feats, coords, attrs = store.read_features(out / "features" / TILING / WORKFLOW_ENCODER / f"{sid}.zarr")
         assert len(tiles) == len(coords) + attrs["n_failed_tiles"], sid
-        assert feats.shape == (len(coords), 512) and np.isfinite(feats).all(), sid
+        assert feats.shape == (len(coords), attrs["feature_dim"]) and np.isfinite(feats).all(), sid
         failed[sid] = attrs["n_failed_tiles"]
         if len(coords) == 0:
             empty.append(sid)

@@ -16,7 +16,9 @@ import pandas as pd
 import pytest
 import yaml
 
+from conftest import CONFIG_FEATURES
 from wsi_asmil import store
+from wsi_asmil.provenance import weights_identity
 from wsi_asmil.tile_geojson import read_tile_geojson
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,6 +33,8 @@ TINY = {
 }
 #: A new slide for the predict path (the real CC0 slide under an awkward name) and a broken one.
 NEW_SLIDE = "new slide é"
+#: The feature folder of runs that keep config.yaml's encoder.
+FEATURES_DIR = Path("features") / "0.5mpp_224px" / CONFIG_FEATURES["encoder"]
 
 
 def snakemake(*args: str, config: dict | None = None, tmp: Path, check: bool = True) -> subprocess.CompletedProcess:
@@ -91,6 +95,7 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
         ({"predict": {"bogus": 1}}, "bogus"),
         ({"features": {"batch_size": "huge"}}, "batch_size"),
         ({"features": {"num_workers": -1}}, "num_workers"),
+        ({"features": {"encoder": "resnet18", "weights": "imagenet-pypi"}}, "features.encoder"),
     ],
 )
 def test_bad_config_fails_before_any_job(tmp_path: Path, override: dict, key: str) -> None:
@@ -110,10 +115,11 @@ def test_whole_workflow_outputs(finished_run: tuple[Path, dict]) -> None:
         for name in ("mask.png", "mask.json", "tissue.geojson", "qc.jpg"):
             assert (out / "segment" / sid / name).stat().st_size > 0
         coords, _, tiles_attrs = store.read_tiles(out / "tiles" / "0.5mpp_224px" / f"{sid}.zarr")
-        feats, fcoords, attrs = store.read_features(out / "features" / "0.5mpp_224px" / "resnet18" / f"{sid}.zarr")
+        feats, fcoords, attrs = store.read_features(out / FEATURES_DIR / f"{sid}.zarr")
         assert len(coords) > 0 and np.array_equal(coords, fcoords)
-        assert feats.shape == (len(coords), 512) and np.isfinite(feats).all()
-        assert attrs["weights"] == "random(seed=0)" and tiles_attrs["mpp"] == pytest.approx(0.25)
+        assert feats.shape == (len(coords), attrs["feature_dim"]) and np.isfinite(feats).all()
+        assert attrs["encoder"] == CONFIG_FEATURES["encoder"] and tiles_attrs["mpp"] == pytest.approx(0.25)
+        assert attrs["weights"] == weights_identity(CONFIG_FEATURES)["weights"]
         assert (out / "heatmaps" / "asmil" / f"{sid}.png").stat().st_size > 0
         assert not (out / "heatmaps" / "abmil" / f"{sid}.png").exists()  # scored, not drawn
         for model in ("asmil", "abmil"):
@@ -228,13 +234,13 @@ def planned_outputs(proc: subprocess.CompletedProcess) -> list[str]:
 def test_encoder_change_reruns_features_onwards_and_keeps_the_old_features(finished_run: tuple[Path, dict]) -> None:
     tmp, config = finished_run
     out = Path(config["out_dir"])
-    proc = snakemake("-n", config=deep_merge(config, {"features": {"encoder": "vit_small"}}), tmp=tmp)
+    proc = snakemake("-n", config=deep_merge(config, {"features": {"encoder": "vit_small", "weights": "random"}}), tmp=tmp)
     assert planned_rules(proc) == {"features": 8, "train": 4, "report": 1, **SCORED, "predict_features": 1}
     outputs = planned_outputs(proc)
     assert sum("/features/0.5mpp_224px/vit_small/" in p for p in outputs) >= 8
     # the new encoder's stores go beside the old ones, which no job touches
-    assert not [p for p in outputs if "/features/0.5mpp_224px/resnet18/" in p]
-    assert len(list((out / "features" / "0.5mpp_224px" / "resnet18").glob("*.zarr"))) >= 8
+    assert not [p for p in outputs if f"/{FEATURES_DIR.as_posix()}/" in p]
+    assert len(list((out / FEATURES_DIR).glob("*.zarr"))) >= 8
 
 
 def test_package_version_change_reruns_every_stage(finished_run: tuple[Path, dict]) -> None:
@@ -282,7 +288,7 @@ def test_run_manifest_and_store_pointers(finished_run: tuple[Path, dict]) -> Non
     assert manifest["wsi_asmil"]["version"] and len(manifest["wsi_asmil"]["source_sha256"]) == 64
     for dist in ("torch", "timm", "openslide-python", "zarr", "snakemake"):
         assert manifest["versions"][dist], dist
-    for path in [*(out / "tiles" / "0.5mpp_224px").glob("*.zarr"), *(out / "features" / "0.5mpp_224px" / "resnet18").glob("*.zarr")]:
+    for path in [*(out / "tiles" / "0.5mpp_224px").glob("*.zarr"), *(out / FEATURES_DIR).glob("*.zarr")]:
         attrs = store.open_store(path).attrs
         assert attrs["run_id"] == manifest["run_id"] and attrs["manifest"] == str(out.resolve() / "manifests" / f"{manifest['run_id']}.json")
         if "weights" in attrs:
