@@ -311,6 +311,22 @@ def test_report_mean_and_std_over_folds(tmp_path: Path) -> None:
     assert "No ground truth" in html
 
 
+def test_report_says_in_words_when_attention_is_practically_uniform(tmp_path: Path) -> None:
+    flat = {"effective_fraction": 0.9999, "top_ratio": 1.02, "practically_uniform": True}
+    peaked = {"effective_fraction": 0.05, "top_ratio": 40.0, "practically_uniform": False}
+    for model, attention in (("asmil", flat), ("abmil", peaked)):
+        for k in range(2):
+            fake_fold(tmp_path / "models", model, k, 0.75, 0.8)
+            path = tmp_path / "models" / model / f"fold{k}" / "metrics.json"
+            path.write_text(json.dumps({**json.loads(path.read_text()), "attention": attention}))
+    report = write_report(tmp_path / "models", ["asmil", "abmil"], 2, tmp_path / "report")
+    assert report["asmil"]["uniform_folds"] == 2 and report["abmil"]["uniform_folds"] == 0
+    assert report["asmil"]["attention"]["top_ratio"]["mean"] == pytest.approx(1.02)
+    html = (tmp_path / "report" / "index.html").read_text().replace("&#x27;", "'")
+    assert "asmil's attention is practically uniform in every fold" in html
+    assert "1.02x the uniform weight" in html and "abmil's attention left uniform" in html
+
+
 def loc_rows(model: str, dice: list[float]) -> pd.DataFrame:
     n = len(dice)
     return pd.DataFrame({
@@ -362,7 +378,7 @@ def test_report_html_gathers_localisation_and_heatmaps(tmp_path: Path) -> None:
     write_report(models, ["asmil", "abmil"], 2, tmp_path / "report", localisation=paths, heatmaps_dir=heat,
                  heatmap_models=["asmil", "abmil"], truth_dir=truth, inventory=inventory, new_predictions=newp, sample=3)
     html = (tmp_path / "report" / "index.html").read_text()
-    for section in ("Classification", "Attention instability", "Localisation", "Heatmaps", "New slides", "Slides left out"):
+    for section in ("Classification", "Attention instability", "Attention", "Localisation", "Heatmaps", "New slides", "Slides left out"):
         assert re.search(f">{re.escape(section)}[^<]*</h2>", html), section
     assert html.count("data:image/jpeg;base64,") == 6  # 3 slides x 2 models
     assert "href='../heatmaps/asmil/s2.png'" in html

@@ -153,7 +153,7 @@ def test_whole_workflow_outputs(finished_run: tuple[Path, dict]) -> None:
     summary = json.loads((out / "report" / "localisation.json").read_text())
     assert summary["by_model"]["asmil"]["dice"]["n"] == 4 and summary["paired"]
     html = (out / "report" / "index.html").read_text()
-    for section in ("Classification", "Attention instability", "Localisation", "Heatmaps", "New slides", "Slides left out"):
+    for section in ("Classification", "Attention instability", "Attention", "Localisation", "Heatmaps", "New slides", "Slides left out"):
         assert f">{section}" in html, section
     assert html.count("data:image/jpeg;base64,") == 6  # heatmap sample: 6 slides x 1 drawn model
     assert "broken" in html  # the unusable new slide is listed

@@ -19,7 +19,7 @@ import argparse
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +81,11 @@ def gather(models_dir: str | Path, models: list[str], n_folds: int) -> tuple[dic
             "instability_last10": summarize(
                 [{"jsd": f.get("instability_last10", math.nan)} for f in folds]
             )["jsd"],
+            "instability_high_lr": summarize(
+                [{"jsd": f.get("instability_high_lr", math.nan)} for f in folds]
+            )["jsd"],
+            "attention": summarize([f.get("attention") or {} for f in folds]),
+            "uniform_folds": sum(bool((f.get("attention") or {}).get("practically_uniform")) for f in folds),
         }
     predictions = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     if len(predictions):
@@ -293,6 +298,7 @@ def write_report(
         f"<img alt='instability curves' src='{H.png_data_uri(fig)}'>" if fig else "<p>No training history.</p>")
         + "<p class='note'>Jensen-Shannon divergence between the attention of consecutive epochs over the "
           "validation slides (log scale; mean over folds, band from the lowest to the highest fold).</p>"))
+    sections.append(("Attention", attention_html(report, n_folds)))
     sections.append(("Localisation", localisation_html(loc, loc_summary, paired)))
     hdir = Path(heatmaps_dir) if heatmaps_dir else None
     tdir = Path(truth_dir) if truth_dir else None
@@ -331,6 +337,38 @@ def classification_html(report: dict[str, Any], n_folds: int) -> str:
     return H.table(head, rows) + (
         f"<p class='note'>Test metrics at the epoch selected by validation F1 + AUC (and at the last epoch), "
         f"mean ± std over {n_folds} fold(s).</p>")
+
+
+def attention_verdict(model: str, r: Mapping[str, Any], n_folds: int) -> str:
+    """One sentence on whether ``model``'s attention moved at all: a flat model's heatmaps and
+    instability describe no choice of tiles, and a reader must not compare them as if they did."""
+    n = r.get("uniform_folds", 0)
+    eff, top = r["attention"].get("effective_fraction"), r["attention"].get("top_ratio")
+    figures = ""
+    if eff and top and not math.isnan(eff["mean"]):
+        figures = f" (its score map spreads over {eff['mean']:.1%} of the tiles; its top tile has {top['mean']:.2f}x the uniform weight)"
+    if n == n_folds and n:
+        return (f"{model}'s attention is practically uniform in every fold{figures}: it pools like a mean, "
+                "so its heatmaps, localisation and instability say nothing about which tiles it uses.")
+    if n:
+        return f"{model}'s attention is practically uniform in {n} of {n_folds} folds{figures}."
+    return f"{model}'s attention left uniform{figures}."
+
+
+def attention_html(report: Mapping[str, Any], n_folds: int) -> str:
+    rows, verdicts = [], []
+    for model, r in report.items():
+        a = r["attention"]
+        rows.append([H.esc(model), *(H.mean_std(a.get(k)) for k in ("effective_fraction", "top_ratio", "logit_spread",
+                                                                  "positive_mass", "instance_auc")),
+                     H.mean_std(r["instability_high_lr"], 4), f"{r.get('uniform_folds', 0)} / {n_folds}"])
+        verdicts.append(f"<li>{H.esc(attention_verdict(model, r, n_folds))}</li>")
+    head = ["model", "effective tiles (exp H / M)", "top tile × M", "logit spread", "mass on tumour", "instance AUC",
+            "JSD high-lr epochs", "folds practically uniform"]
+    return H.table(head, rows) + f"<ul>{''.join(verdicts)}</ul>" + (
+        "<p class='note'>Test slides at the selected epoch, mean ± std over folds. Practically uniform: the score map "
+        "spreads over at least 90% of the tiles and no tile has more than twice the uniform weight. Tumour mass and "
+        "instance AUC need per-tile truth (the localisation stage measures them from the heatmaps).</p>")
 
 
 def localisation_html(loc: pd.DataFrame, summary: dict[str, Any], paired: list[dict[str, Any]]) -> str:
