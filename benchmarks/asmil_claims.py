@@ -131,14 +131,17 @@ def summarise_run(run: Run, out: Path) -> dict[str, Any]:
 # --- cohorts -----------------------------------------------------------------------------------
 
 
-def witness_cohort(work: Path, seed: int) -> tuple[Path, list[dict[str, Any]], None]:
-    """The witness-bag cohort (generated once) and one fixed 200/60/100 split for every seed."""
+def witness_cohort(
+    work: Path, seed: int, n_bags: int = 360, bag_size: tuple[int, int] = (500, 1500)
+) -> tuple[Path, list[dict[str, Any]], None]:
+    """The witness-bag cohort (generated once) and one fixed split for every seed: 200/60/100 of
+    360 bags (the same shares of another count), stratified by label."""
     from wsi_asmil.synthetic.witness import WitnessSpec, write_witness_cohort
 
     cohort = work / "witness"
     labels_csv = cohort / "labels.csv"
     if not labels_csv.is_file():
-        write_witness_cohort(cohort, WitnessSpec(n_bags=360, bag_size=(500, 1500), seed=seed))
+        write_witness_cohort(cohort, WitnessSpec(n_bags=n_bags, bag_size=bag_size, seed=seed))
     table = pd.read_csv(labels_csv, dtype=str)
     labels = dict(zip(table["slide_id"], table["label"]))
     rng = np.random.default_rng(seed)
@@ -283,12 +286,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--epochs", type=int, default=50)
     p.add_argument("--lrs", type=float, nargs="+", default=[1e-4])
     p.add_argument("--folds", type=int, default=4, help="demo: folds per seed")
+    p.add_argument("--bags", type=int, default=360, help="witness: bags in the cohort")
+    p.add_argument("--bag-size", type=int, nargs=2, default=(500, 1500), metavar=("MIN", "MAX"),
+                   help="witness: tiles per bag")
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS), metavar="VARIANT")
     p.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 1)))
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.cohort == "witness":
-        features_dir, splits, truth_file = witness_cohort(args.work, 0)
+        features_dir, splits, truth_file = witness_cohort(args.work, 0, args.bags, tuple(args.bag_size))
     else:
         features_dir, splits, truth_file = demo_cohort(args.results, args.work, args.seeds, args.folds)
     runs = []

@@ -757,7 +757,7 @@ def test_nsf_at_half_temperature_is_softmax_times_sech() -> None:
 
 
 def test_each_asmil_switch_changes_training(tmp_path, one_thread) -> None:
-    """Through train_fold's params (the path benchmarks/compare_models.py takes), at the spec's lr:
+    """Through train_fold's params (the path benchmarks/asmil_claims.py takes), at the spec's lr:
     beta 0 removes the anchor term, beta scales it, the softmax target and the frozen anchor change
     it, and every switch changes the trained weights. Training on CPU is bit-reproducible, so a
     switch that did not reach the loss would leave the weights identical to the paper run."""

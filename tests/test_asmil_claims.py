@@ -1,0 +1,49 @@
+"""benchmarks/asmil_claims.py: its statistics by hand, and the whole script at toy size."""
+
+from __future__ import annotations
+
+import importlib
+import math
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+BENCHMARKS = str(Path(__file__).resolve().parents[1] / "benchmarks")
+
+
+@pytest.fixture(scope="module")
+def claims():
+    """Imported by name from a path entry, so the script's spawned workers can import it too."""
+    sys.path.insert(0, BENCHMARKS)
+    try:
+        yield importlib.import_module("asmil_claims")
+    finally:
+        sys.path.remove(BENCHMARKS)
+
+
+def test_paired_difference_and_verdicts_by_hand(claims) -> None:
+    seeds = pd.DataFrame({
+        "lr": 1e-4, "seed": [0, 1, 2, 0, 1, 2],
+        "variant": ["ASMIL"] * 3 + ["ABMIL"] * 3,
+        "f1_macro": [0.8, 0.7, 0.9, 0.6, 0.6, 0.7],
+    })
+    d = claims.paired(seeds, 1e-4, "ABMIL", "f1_macro")
+    # differences -0.2, -0.1, -0.2: mean -1/6, sd 0.0577, t(0.975, 2) = 4.303 -> half width 0.1434
+    assert d["n"] == 3 and d["mean"] == pytest.approx(-1 / 6)
+    assert d["hi"] - d["mean"] == pytest.approx(4.302653 * 0.057735 / math.sqrt(3), rel=1e-4)
+    assert claims.verdict(d, -1) == "holds" and claims.verdict(d, +1) == "does not hold"
+    assert claims.verdict({"mean": 0.1, "lo": -0.1, "hi": 0.3, "n": 3}, -1) == "inconclusive"
+    assert claims.verdict(claims.paired(seeds, 1e-4, "ACMIL", "f1_macro"), -1) == "not measured"
+
+
+def test_the_benchmark_runs_at_toy_size(claims, tmp_path: Path) -> None:
+    claims.main(["witness", "--work", str(tmp_path), "--bags", "24", "--bag-size", "40", "80", "--seeds", "2",
+                 "--epochs", "2", "--lrs", "1e-3", "--variants", "ASMIL", "ABMIL", "--jobs", "1"])
+    runs = pd.read_csv(tmp_path / "runs.csv")
+    assert len(runs) == 4 and set(runs["variant"]) == {"ASMIL", "ABMIL"}
+    assert runs["instance_auc"].between(0, 1).all() and runs["jsd_high_lr"].ge(0).all()
+    text = (tmp_path / "claims.md").read_text()
+    assert "| F1: ASMIL beats ABMIL | f1_macro: ABMIL − ASMIL |" in text
+    assert "not measured" in text  # ACMIL was not run
