@@ -793,3 +793,18 @@ def test_each_asmil_switch_changes_training(tmp_path, one_thread) -> None:
     for name in ("beta0", "beta3", "softmax", "frozen"):
         change = max((weights[name][k] - weights["paper"][k]).abs().max().item() for k in weights["paper"])
         assert change > 1e-5, name
+
+
+def test_nsf_is_not_shift_invariant() -> None:
+    """For standard-normal logits at tau 0.5, a common offset moves the NSF target from softmax(2 z)
+    (offset far below 0: sigmoid(x) ~ e^x), whose effective tile fraction is e^(-2) = 0.135 (a
+    log-normal weight with sigma 2), to uniform (offset far above: every sigmoid saturates);
+    softmax is unchanged by any offset."""
+    from wsi_asmil.metrics import effective_fraction
+
+    z = torch.randn(200_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    fraction = {c: float(effective_fraction(nsf(z + c, 0.5, eps=0.0).numpy())) for c in (-30.0, 0.0, 30.0)}
+    assert fraction[-30.0] == pytest.approx(math.exp(-2), rel=0.03)
+    assert fraction[30.0] == pytest.approx(1.0, abs=1e-6)
+    assert fraction[-30.0] < fraction[0.0] < fraction[30.0]
+    torch.testing.assert_close(torch.softmax(z + 30.0, -1), torch.softmax(z, -1))
