@@ -85,6 +85,7 @@ class Run:
     epochs: int
     out: str
     truth_file: str | None
+    schedule: str = "cosine"
 
     @property
     def slug(self) -> str:
@@ -101,7 +102,8 @@ def _train(run: Run) -> dict[str, Any]:
     out = Path(run.out)
     if not (out / "metrics.json").is_file():
         model, overrides = VARIANTS[run.variant]
-        params = {"epochs": run.epochs, "lr": run.lr, "seed": run.seed, "models": {model: overrides}}
+        params = {"epochs": run.epochs, "lr": run.lr, "schedule": run.schedule, "seed": run.seed,
+                  "models": {model: overrides}}
         truth = dict(np.load(run.truth_file)) if run.truth_file else None
         logging.getLogger("wsi_asmil").setLevel(logging.WARNING)
         train_fold(run.features_dir, run.split, run.fold, model, params, out, "cpu", tile_truth=truth)
@@ -244,7 +246,7 @@ def fmt(x: float, spec: str = ".3f") -> str:
 
 def report(runs: pd.DataFrame, cohort: str, command: str) -> str:
     seeds = per_seed(runs)
-    lines = [f"# ASMIL's claims on the {cohort} cohort", "", f"`{command}`", ""]
+    lines = [f"# ASMIL's claims: the {cohort}", "", f"`{command}`", ""]
     for lr in sorted(seeds.lr.unique()):
         sub = seeds[seeds.lr == lr]
         n_seeds = sub.seed.nunique()
@@ -285,6 +287,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--epochs", type=int, default=50)
     p.add_argument("--lrs", type=float, nargs="+", default=[1e-4])
+    p.add_argument("--schedule", choices=["cosine", "constant"], default="cosine",
+                   help="constant: the diagnostic that keeps the rate up (runs go to runs_constant/)")
     p.add_argument("--folds", type=int, default=4, help="demo: folds per seed")
     p.add_argument("--bags", type=int, default=360, help="witness: bags in the cohort")
     p.add_argument("--bag-size", type=int, nargs=2, default=(500, 1500), metavar=("MIN", "MAX"),
@@ -304,9 +308,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                 split = splits[seed % len(splits)]
                 for fold in range(len(split["folds"])):
                     slug = re.sub(r"[^a-z0-9]+", "_", variant.lower()).strip("_")
-                    out = args.work / "runs" / f"lr{lr:g}" / slug / f"seed{seed}" / f"fold{fold}"
+                    runs_dir = "runs" if args.schedule == "cosine" else f"runs_{args.schedule}"
+                    out = args.work / runs_dir / f"lr{lr:g}" / slug / f"seed{seed}" / f"fold{fold}"
                     runs.append(Run(lr, variant, seed, fold, str(features_dir), split, args.epochs, str(out),
-                                    str(truth_file) if truth_file else None))
+                                    str(truth_file) if truth_file else None, args.schedule))
     log.info("%d runs on %d workers", len(runs), args.jobs)
     start, rows = time.perf_counter(), []
     from tqdm import tqdm
@@ -315,17 +320,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         for row in tqdm(pool.map(_train, runs), total=len(runs), desc="runs"):
             rows.append(row)
     table = pd.DataFrame(rows)
-    previous = args.work / "runs.csv"
+    suffix = "" if args.schedule == "cosine" else f"_{args.schedule}"
+    previous = args.work / f"runs{suffix}.csv"
     if previous.is_file():  # runs of earlier invocations (other learning rates, variants) stay in the report
         table = pd.concat([pd.read_csv(previous), table]).drop_duplicates(
             ["lr", "variant", "seed", "fold"], keep="last"
         )
     args.work.mkdir(parents=True, exist_ok=True)
-    table.to_csv(args.work / "runs.csv", index=False)
-    per_seed(table).to_csv(args.work / "summary.csv", index=False)
+    table.to_csv(previous, index=False)
+    per_seed(table).to_csv(args.work / f"summary{suffix}.csv", index=False)
     command = "python benchmarks/asmil_claims.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = report(table, args.cohort, command)
-    (args.work / "claims.md").write_text(text)
+    text = report(table, f"{args.cohort} ({args.schedule} schedule)", command)
+    (args.work / f"claims{suffix}.md").write_text(text)
     print(text)
     print(f"{len(runs)} runs in {time.perf_counter() - start:.0f} s")
 
