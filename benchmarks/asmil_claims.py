@@ -330,7 +330,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     table.to_csv(previous, index=False)
     per_seed(table).to_csv(args.work / f"summary{suffix}.csv", index=False)
     command = "python benchmarks/asmil_claims.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = report(table, f"{args.cohort} ({args.schedule} schedule)", command)
+    text = report(table, f"{args.cohort} cohort, {args.schedule} schedule", command)
     (args.work / f"claims{suffix}.md").write_text(text)
     print(text)
     print(f"{len(runs)} runs in {time.perf_counter() - start:.0f} s")
