@@ -11,6 +11,9 @@ min_version("9.0")
 configfile: "config.yaml"
 
 
+from wsi_asmil.config_overrides import coerce_to_schema
+
+coerce_to_schema(config, f"{workflow.basedir}/workflow/schemas/config.schema.yaml")
 validate(config, "workflow/schemas/config.schema.yaml")
 
 

@@ -105,6 +105,17 @@ def test_bad_config_fails_before_any_job(tmp_path: Path, override: dict, key: st
     assert not (tmp_path / "out").exists()
 
 
+def test_nested_command_line_values_are_typed_by_the_schema(tmp_path: Path) -> None:
+    """Snakemake leaves the scalars inside a nested --config value as strings ('256'); the
+    workflow types them by the schema, and a value that is no number still fails by key."""
+    out = f"out_dir={tmp_path / 'out'}"
+    ok = snakemake("-n", "--config", out, 'tiling={"tile_size": 256, "overlap": 0.25}', 'split={"folds": 2}',
+                   'train={"asmil": {"beta": 0, "anchor_horizon_epochs": null}, "amp": true}', tmp=tmp_path)
+    assert "inventory" in ok.stdout + ok.stderr
+    bad = snakemake("-n", "--config", out, 'tiling={"tile_size": "big"}', tmp=tmp_path, check=False)
+    assert bad.returncode != 0 and "tile_size" in bad.stdout + bad.stderr
+
+
 def test_whole_workflow_outputs(finished_run: tuple[Path, dict]) -> None:
     tmp, config = finished_run
     out = Path(config["out_dir"])
