@@ -290,6 +290,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--schedule", choices=["cosine", "constant"], default="cosine",
                    help="constant: the diagnostic that keeps the rate up (runs go to runs_constant/)")
     p.add_argument("--folds", type=int, default=4, help="demo: folds per seed")
+    p.add_argument("--use-folds", type=int, default=None,
+                   help="demo: train only the first K folds of each seed's split (each seed draws its own folds)")
     p.add_argument("--bags", type=int, default=360, help="witness: bags in the cohort")
     p.add_argument("--bag-size", type=int, nargs=2, default=(500, 1500), metavar=("MIN", "MAX"),
                    help="witness: tiles per bag")
@@ -306,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         for variant in args.variants:
             for seed in range(args.seeds):
                 split = splits[seed % len(splits)]
-                for fold in range(len(split["folds"])):
+                for fold in range(min(len(split["folds"]), args.use_folds or len(split["folds"]))):
                     slug = re.sub(r"[^a-z0-9]+", "_", variant.lower()).strip("_")
                     runs_dir = "runs" if args.schedule == "cosine" else f"runs_{args.schedule}"
                     out = args.work / runs_dir / f"lr{lr:g}" / slug / f"seed{seed}" / f"fold{fold}"
