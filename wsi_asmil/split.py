@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--labels", required=True, help="label table CSV")
     p.add_argument("--out", required=True, help="split JSON to write")
     p.add_argument("--mode", default="kfold", choices=["kfold", "fixed"])
-    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--folds", type=int, default=4, help="as split.folds in config.yaml")
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--inventory", default=None, help="inventory CSV: slides it marks unusable are left out")
