@@ -118,7 +118,7 @@ ANCHOR_KEYS = tuple(_ANCHOR_DEFAULTS)
 SPLIT_PARTS = ("train", "val", "test")
 SCHEDULES = ("cosine", "constant")
 #: Slides whose gradients are split into the classification and the stabilisation part each epoch.
-GRADIENT_PROBE_BAGS = 8
+GRADIENT_PROBE_BAGS = 4
 #: An epoch counts as high-learning-rate when its rate is at least this share of the peak.
 HIGH_LR_SHARE = 0.5
 
