@@ -54,6 +54,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "ABMIL": ("abmil", {}),
     "ABMIL + Anchor/NSF": ("abmil_anchor", {}),
     "ACMIL": ("acmil", {}),
+    # The paper's anchor memory at 400 slides (m = 0.999: 2.5 epochs) on any cohort size.
+    "ASMIL anchor horizon 2.5 epochs": ("asmil", {"anchor_horizon_epochs": 2.5}),
+    "ABMIL + Anchor/NSF, horizon 2.5 epochs": ("abmil_anchor", {"anchor_horizon_epochs": 2.5}),
 }
 
 #: Per-run measures: (column, what it is, higher is better for the paper's side?)
