@@ -713,13 +713,11 @@ def instability_summary(history: pd.DataFrame, peak_lr: float) -> dict[str, floa
     stops moving; instability is a property of the high-rate epochs.
     """
     high = history[history["lr"] >= HIGH_LR_SHARE * peak_lr]
-    finite = lambda column: [v for v in column.tolist() if not math.isnan(v)]  # noqa: E731
-    mean = lambda values: float(np.mean(values)) if values else math.nan  # noqa: E731
     return {
         "instability_last10": last_mean(history["jsd"].tolist(), 10),
-        "instability_high_lr": mean(finite(high["jsd"])),
+        "instability_high_lr": last_mean(high["jsd"].tolist(), len(high)),
         "instability_pooled_last10": last_mean(history["jsd_pooled"].tolist(), 10),
-        "grad_ratio_high_lr": mean(finite(high["grad_ratio"])),
+        "grad_ratio_high_lr": last_mean(high["grad_ratio"].tolist(), len(high)),
     }
 
 
