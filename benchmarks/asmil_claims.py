@@ -168,7 +168,7 @@ def demo_cohort(results: Path, work: Path, seeds: int, folds: int) -> tuple[Path
     from wsi_asmil.annotations import read_tumour_mask
     from wsi_asmil.localisation import tile_fractions
     from wsi_asmil.split import make_split
-    from wsi_asmil.store import read_features
+    from wsi_asmil.store import open_store
 
     features_dirs = sorted(p for p in (results / "features").glob("*/*") if p.is_dir())
     if len(features_dirs) != 1:
@@ -182,7 +182,8 @@ def demo_cohort(results: Path, work: Path, seeds: int, folds: int) -> tuple[Path
             store = features_dir / f"{slide}.zarr"
             if not store.exists():
                 continue
-            _, coords, attrs = read_features(store)
+            group = open_store(store)  # the coords and attrs only, not the features
+            coords, attrs = group["coords"][:], dict(group.attrs)
             mask, side = read_tumour_mask(png, png.with_suffix(".json"))
             fractions = tile_fractions(coords, float(attrs["tile_extent"]), mask, float(side["downsample"]))
             truth[slide] = (fractions >= 0.5).astype(np.int8)

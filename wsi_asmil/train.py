@@ -40,6 +40,7 @@ from wsi_asmil.metrics import (
     is_practically_uniform,
     last_mean,
     mean_jsd,
+    summarize,
 )
 from wsi_asmil.models import (
     MODELS,
@@ -49,7 +50,6 @@ from wsi_asmil.models import (
     build_model,
     model_spec,
     save_checkpoint,
-    stabilization_loss,
     target_distribution,
 )
 
@@ -497,12 +497,7 @@ class EvalResult:
 def mean_summaries(summaries: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
     """Mean over slides of each attention summary, leaving out undefined values (a slide without
     truth has no positive mass; one without tumour no instance AUC)."""
-    keys = next(iter(summaries.values()), {}).keys()
-    means = {}
-    for key in keys:
-        values = np.array([s[key] for s in summaries.values()], dtype=np.float64)
-        means[key] = float(np.nanmean(values)) if np.isfinite(values).any() else math.nan
-    return means
+    return {key: stat["mean"] for key, stat in summarize(list(summaries.values())).items()}
 
 
 @torch.no_grad()
@@ -569,12 +564,9 @@ def gradient_split(trainer: Trainer, bags: Sequence[Bag]) -> dict[str, float]:
         x = bag.features.float()
         out = model(x)
         anchor_logits = trainer.anchor.attention_logits(x)
-        ce = F.cross_entropy(out["logits"].float()[None], bag.target[None])
-        stab = loss_fn.beta * stabilization_loss(
-            out["attn_logits"], anchor_logits, loss_fn.tau, loss_fn.reduction, loss_fn.target
-        )
+        losses = loss_fn(out["logits"], bag.target, out["attn_logits"], anchor_logits)
         norms = []
-        for term, retain in ((ce, True), (stab, False)):
+        for term, retain in ((losses["ce"], True), (loss_fn.beta * losses["as"], False)):
             grads = torch.autograd.grad(term, params, retain_graph=retain, allow_unused=True)
             norms.append(torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None)))
         ratios.append(norms[1] / norms[0].clamp_min(1e-30))
