@@ -165,7 +165,7 @@ def witness_cohort(
 def demo_cohort(results: Path, work: Path, seeds: int, folds: int) -> tuple[Path, list[dict[str, Any]], Path]:
     """The demo's features and per-tile tumour truth (tiles at least half tumour, from the truth
     masks the localisation stage rasterised), and a stratified k-fold split per seed."""
-    from wsi_asmil.annotations import read_tumour_mask
+    from wsi_asmil.masks import read_tumour_mask
     from wsi_asmil.localisation import tile_fractions
     from wsi_asmil.split import make_split
     from wsi_asmil.store import open_store

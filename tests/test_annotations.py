@@ -16,9 +16,9 @@ from wsi_asmil.annotations import (
     load_tumour_mask,
     main,
     rasterise,
-    read_tumour_mask,
 )
 from wsi_asmil.canvas import Grid
+from wsi_asmil.masks import read_tumour_mask
 
 
 def square(x0: float, y0: float, x1: float, y1: float) -> list[list[float]]:

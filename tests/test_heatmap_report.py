@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import shutil
 from pathlib import Path
 
 import cv2
@@ -21,7 +20,9 @@ from wsi_asmil.heatmap import Style, draw_slide, main as heatmap_main, normalize
 from wsi_asmil.io import write_csv, write_json
 from wsi_asmil.report import choose_sample, paired_comparison, write_report
 from wsi_asmil.slide import Slide
-from wsi_asmil.tile_geojson import read_tile_geojson, validate_tile_geojson, write_tile_geojson
+from geojson_check import read_tile_geojson, validate_tile_geojson
+
+from wsi_asmil.tile_geojson import write_tile_geojson
 
 
 # --- normalisation ---------------------------------------------------------------------------------

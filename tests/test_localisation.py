@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from wsi_asmil.annotations import TumourMask, write_tumour_mask
 from wsi_asmil.io import write_csv, write_json
 from wsi_asmil.localisation import (
+    TUMOUR_TILE_FRACTION,
     LocalisationParams,
     dice_iou,
     main,
@@ -22,9 +23,9 @@ from wsi_asmil.localisation import (
     select_tiles,
     slide_metrics,
     summarise,
-    tile_fractions,
     top_q_selection,
 )
+from wsi_asmil.masks import mask_fractions
 
 
 def test_dice_and_iou_of_known_masks() -> None:
@@ -73,16 +74,14 @@ def test_top_q_keeps_the_right_number_of_tiles() -> None:
         LocalisationParams(top_q=0)
 
 
-def test_tile_fractions_match_a_direct_count() -> None:
+def test_tumour_tiles_use_the_tiling_rule_for_mask_coverage() -> None:
+    """A tile is tumour by the same coverage rule that keeps tiles on tissue (masks.mask_fractions)."""
     rng = np.random.default_rng(0)
-    mask = rng.random((30, 40)) > 0.7
+    truth = rng.random((30, 40)) > 0.5
     coords = rng.integers(0, 350, size=(25, 2))
-    frac = tile_fractions(coords, 40.0, mask, 10.0)  # tiles of 4 x 4 mask pixels
-    for (x, y), f in zip(coords, frac):
-        x0, y0 = int(np.rint((x - 1) / 10)), int(np.rint((y - 1) / 10))
-        x1, y1 = int(np.rint((x + 41) / 10)), int(np.rint((y + 41) / 10))
-        block = mask[y0:y1, x0:x1]
-        assert f == pytest.approx(block.mean() if block.size else 0.0)
+    row = slide_metrics(coords, 40.0, rng.random(25), truth, 10.0)
+    expected = mask_fractions(truth, 10.0, coords[:, 0], coords[:, 1], 40.0) >= TUMOUR_TILE_FRACTION
+    assert 0 < expected.sum() < 25 and row["tumour_tiles"] == int(expected.sum())
 
 
 def grid_slide() -> tuple[np.ndarray, float, np.ndarray, float]:

@@ -607,7 +607,7 @@ def test_disk_full_on_a_real_tiny_filesystem(corrupt_pair: dict[str, Path], tmp_
     probe = subprocess.run([unshare or "false", "-rm", "sh", "-c", f"mount -t tmpfs -o size=2m tmpfs '{mnt}'"], capture_output=True)
     if unshare is None or probe.returncode != 0:
         pytest.skip("cannot mount a tmpfs here (no root, no user namespaces)")
-    shell = f"mount -t tmpfs -o size=2m tmpfs \"$0\" && exec \"$1\" \"$2\" \"$3\" \"$4\" \"$0\""
+    shell = "mount -t tmpfs -o size=2m tmpfs \"$0\" && exec \"$1\" \"$2\" \"$3\" \"$4\" \"$0\""
     proc = subprocess.run([unshare, "-rm", "sh", "-c", shell, str(mnt), PY, str(script), str(corrupt_pair["intact"]), str(corrupt_pair["tiles"])],
                           capture_output=True, text=True, cwd=REPO, env=hook_env())
     line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT")]

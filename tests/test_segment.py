@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from conftest import write_generic_tiff
-from wsi_asmil.segment import SegmentParams, load_mask, segment_image, segment_slide
+from wsi_asmil.masks import read_tissue_mask
+from wsi_asmil.segment import SegmentParams, segment_image, segment_slide
 from wsi_asmil.slide import Slide
 
 PINK = (235, 160, 200)
@@ -65,7 +66,7 @@ def test_fixed_threshold() -> None:
 
 def test_real_slide_tissue_not_background(real_slide: Path, tmp_path: Path) -> None:
     info = segment_slide(real_slide, tmp_path, SegmentParams())
-    mask, meta = load_mask(tmp_path)
+    mask, meta = read_tissue_mask(tmp_path / "mask.png")
     assert meta == info
     assert 0.15 < info["tissue_fraction"] < 0.6
     with Slide(real_slide) as s:
@@ -102,7 +103,7 @@ def test_demo_slides_match_truth(demo_slides: dict[str, Path], tmp_path: Path) -
     for sid, path in demo_slides.items():
         meta = json.loads((path.parent.parent / "truth" / f"{sid}.json").read_text())
         segment_slide(path, tmp_path / sid, SegmentParams())
-        mask, _ = load_mask(tmp_path / sid)
+        mask, _ = read_tissue_mask(tmp_path / sid / "mask.png")
         truth = read_truth(path.parent.parent / "truth", sid)
         tissue = cv2.resize(truth.tissue.astype(np.uint8), mask.shape[::-1], interpolation=cv2.INTER_NEAREST) > 0
         expected = 0.9 if meta["spec"]["pen_marks"] else 0.95

@@ -4,13 +4,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from wsi_asmil import store
 from wsi_asmil.segment import SegmentParams, segment_slide
 from wsi_asmil.slide import Slide
-from wsi_asmil.tile import TileParams, grid_origins, tile_grid, tile_slide, tissue_fractions
+from wsi_asmil.tile import TileParams, grid_origins, tile_grid, tile_slide
 
 
 def test_extent_is_physical_not_rounded() -> None:
@@ -49,25 +47,6 @@ def test_grid_origins_whole_tiles_only() -> None:
     assert grid_origins(100.0, 100.0, 1000).tolist() == [0, 100, 200, 300, 400, 500, 600, 700, 800, 900]
     assert len(grid_origins(100.0, 100.0, 999)) == 9
     assert len(grid_origins(2000.0, 2000.0, 999)) == 0
-
-
-@settings(max_examples=40, deadline=None)
-@given(
-    seed=st.integers(0, 10_000),
-    downsample=st.sampled_from([4.0, 8.0, 16.0]),
-    extent=st.sampled_from([32.0, 64.0, 128.0]),
-)
-def test_tissue_fraction_equals_brute_force(seed: int, downsample: float, extent: float) -> None:
-    """When tiles align with mask pixels the integral image gives the exact covered fraction."""
-    rng = np.random.default_rng(seed)
-    mask = rng.random((40, 50)) < 0.4
-    side = int(extent / downsample)
-    xs = np.arange(0, 50 - side + 1) * downsample
-    ys = np.arange(0, 40 - side + 1) * downsample
-    gx, gy = (a.ravel() for a in np.meshgrid(xs, ys))
-    fast = tissue_fractions(mask, downsample, gx, gy, extent)
-    slow = [mask[int(y / downsample) : int(y / downsample) + side, int(x / downsample) : int(x / downsample) + side].mean() for x, y in zip(gx, gy)]
-    np.testing.assert_allclose(fast, slow)
 
 
 def test_tile_real_slide(real_slide: Path, tmp_path: Path) -> None:

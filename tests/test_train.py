@@ -14,7 +14,7 @@ import pytest
 import torch
 import zarr
 
-from wsi_asmil.models import MODELS, build_model, load_model
+from wsi_asmil.models import MODELS, load_model
 from wsi_asmil.train import (
     DEFAULT_PARAMS,
     build_trainer,

@@ -8,7 +8,6 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,7 @@ import yaml
 from conftest import CONFIG_FEATURES
 from wsi_asmil import store
 from wsi_asmil.provenance import weights_identity
-from wsi_asmil.tile_geojson import read_tile_geojson
+from geojson_check import read_tile_geojson
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(REPO)]

@@ -38,6 +38,7 @@ import numpy as np
 from wsi_asmil.canvas import Grid, lookup_mask
 from wsi_asmil.cli import add_slide_args, setup_logging
 from wsi_asmil.io import write_image, write_json
+from wsi_asmil.masks import read_mask_png
 
 log = logging.getLogger(__name__)
 
@@ -301,12 +302,14 @@ def read_mask_image(path: str | Path, slide_size: tuple[int, int], grid: Grid) -
     return lookup_mask(img > 0, mask_ds, grid)
 
 
-def _synthetic_truth(path: Path, meta: dict[str, Any], grid: Grid) -> np.ndarray:
-    from wsi_asmil.synthetic import read_truth
-
-    sid = meta.get("slide_id", path.stem)
-    truth = read_truth(path.parent, sid)
-    return lookup_mask(truth.tumour, truth.downsample, grid)
+def _sidecar_mask(path: Path, meta: dict[str, Any], grid: Grid) -> np.ndarray:
+    """``<id>_tumour.png`` beside a sidecar that gives its level-0 ``downsample`` (the demo's truth)."""
+    png = path.with_name(f"{meta.get('slide_id', path.stem)}_tumour.png")
+    try:
+        mask = read_mask_png(png)
+    except FileNotFoundError as exc:
+        raise AnnotationError(f"{path}: the tumour mask it describes is missing or unreadable ({png})") from exc
+    return lookup_mask(mask, float(meta["downsample"]), grid)
 
 
 @dataclass(frozen=True)
@@ -340,7 +343,7 @@ def load_tumour_mask(
             except json.JSONDecodeError as exc:
                 raise AnnotationError(f"{path}: not valid JSON ({exc})") from exc
             if isinstance(meta, dict) and "mask_shape" in meta and "downsample" in meta:
-                return TumourMask(_synthetic_truth(path, meta, grid), downsample, str(path), "synthetic")
+                return TumourMask(_sidecar_mask(path, meta, grid), downsample, str(path), "synthetic")
         tumour, excluded = read_geojson_polygons(path, include, exclude)
         kind = "geojson"
     elif suffix == ".xml":
@@ -370,14 +373,6 @@ def write_tumour_mask(out_png: str | Path, out_json: str | Path, truth: TumourMa
         "source": truth.source,
         "format": truth.kind,
     })
-
-
-def read_tumour_mask(png: str | Path, sidecar: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
-    """Read back what :func:`write_tumour_mask` wrote: (bool mask, sidecar)."""
-    mask = cv2.imread(str(png), cv2.IMREAD_GRAYSCALE)
-    if mask is None:
-        raise FileNotFoundError(f"cannot read tumour mask {png}")
-    return mask > 0, json.loads(Path(sidecar).read_text())
 
 
 def main(argv: list[str] | None = None) -> None:

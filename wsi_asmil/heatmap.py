@@ -50,6 +50,7 @@ import pandas as pd
 from wsi_asmil.canvas import Grid, blend, colour_table, lookup_mask, mean_values, smooth
 from wsi_asmil.cli import optional_float, setup_logging
 from wsi_asmil.io import atomic_path, write_image
+from wsi_asmil.masks import read_tissue_mask
 from wsi_asmil.memory import is_out_of_memory
 from wsi_asmil.slide import Slide
 from wsi_asmil.tile_geojson import OBJECT_TYPES, write_tile_geojson
@@ -152,17 +153,6 @@ def output_mpp(slide_size_um: tuple[float, float], mpp: float, max_edge: int | N
     return max(mpp, max(slide_size_um) / max_edge)
 
 
-def read_tissue(mask_png: str | Path | None, meta_json: str | Path | None) -> tuple[np.ndarray | None, float | None]:
-    """The segmentation mask and its level-0 downsample, or (None, None) when not given."""
-    if mask_png is None:
-        return None, None
-    mask = cv2.imread(str(mask_png), cv2.IMREAD_GRAYSCALE)
-    if mask is None:
-        raise FileNotFoundError(f"cannot read tissue mask {mask_png}")
-    meta_path = Path(meta_json) if meta_json else Path(mask_png).with_name("mask.json")
-    return mask > 0, float(json.loads(meta_path.read_text())["downsample"])
-
-
 def measurements(scores: np.ndarray) -> dict[str, np.ndarray]:
     """The per-tile numbers exported to QuPath: raw, percentile within the slide, and x M."""
     return {
@@ -259,7 +249,10 @@ def draw_slide(
     try:
         extent = float(meta.get("tile_extent") or 0.0)
         values = normalize(scores, style.normalize, style.uniform_range)
-        tissue, tissue_ds = read_tissue(tissue_mask, tissue_meta) if style.clip_to_tissue else (None, None)
+        tissue = tissue_ds = None
+        if style.clip_to_tissue and tissue_mask is not None:
+            tissue, tissue_info = read_tissue_mask(tissue_mask, tissue_meta)
+            tissue_ds = float(tissue_info["downsample"])
         with Slide(slide_path, mpp_override, mpp_fallback) as slide:
             w0, h0 = slide.dimensions
             out_mpp = output_mpp((w0 * slide.mpp, h0 * slide.mpp), mpp, max_edge)

@@ -147,14 +147,6 @@ def write_image(path: str | os.PathLike[str], image: np.ndarray) -> None:
         tmp.write_bytes(buf.tobytes())
 
 
-def read_image(path: str | os.PathLike[str]) -> np.ndarray:
-    """Read an image as RGB uint8 (grey images stay 2-D)."""
-    arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if arr is None:
-        raise FileNotFoundError(f"cannot read image {path}")
-    return arr if arr.ndim == 2 else cv2.cvtColor(arr[..., :3], cv2.COLOR_BGR2RGB)
-
-
 def sha256_of(path: str | os.PathLike[str]) -> str:
     """Content hash of a file, read in blocks (weights files run to gigabytes)."""
     h = hashlib.sha256()

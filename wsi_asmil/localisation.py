@@ -41,9 +41,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from wsi_asmil.canvas import Grid, coverage_count, tile_spans
+from wsi_asmil.canvas import Grid, coverage_count
 from wsi_asmil.cli import setup_logging
 from wsi_asmil.io import write_csv, write_json
+from wsi_asmil.masks import mask_fractions, read_tumour_mask
 
 log = logging.getLogger(__name__)
 
@@ -122,21 +123,6 @@ def select_tiles(scores: np.ndarray, rule: str, top_q: float = 10.0) -> np.ndarr
     raise ValueError(f"threshold must be one of {THRESHOLD_RULES}, got {rule!r}")
 
 
-def tile_fractions(coords: np.ndarray, extent: float, mask: np.ndarray, downsample: float) -> np.ndarray:
-    """Fraction of each tile's pixels on the mask grid that are True (integral image, O(M + pixels))."""
-    if len(coords) == 0:
-        return np.zeros(0)
-    h, w = mask.shape
-    spans = tile_spans(coords, extent, Grid(downsample, w, h))
-    x0, x1 = np.clip(spans[:, 0], 0, w), np.clip(spans[:, 2], 0, w)
-    y0, y1 = np.clip(spans[:, 1], 0, h), np.clip(spans[:, 3], 0, h)
-    integral = np.zeros((h + 1, w + 1), dtype=np.int64)
-    integral[1:, 1:] = mask.astype(np.int64).cumsum(0).cumsum(1)
-    inside = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
-    area = (x1 - x0) * (y1 - y0)
-    return np.where(area > 0, inside / np.maximum(area, 1), 0.0)
-
-
 def dice_iou(pred: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
     """Dice and IoU of two boolean masks; NaN when both are empty (nothing to find, nothing found)."""
     inter = float(np.logical_and(pred, truth).sum())
@@ -173,7 +159,8 @@ def slide_metrics(
     def covered(select: np.ndarray) -> float:
         return float(np.logical_and(union(select), truth).sum()) / n_truth if n_truth else math.nan
 
-    frac = tile_fractions(coords, extent, truth, downsample)
+    c = np.asarray(coords, dtype=np.float64).reshape(-1, 2)
+    frac = mask_fractions(truth, downsample, c[:, 0], c[:, 1], extent)
     tumour_tiles = frac >= TUMOUR_TILE_FRACTION
     row["tumour_tiles"] = int(tumour_tiles.sum())
     for rule, suffix in (("top_q", "topq"), ("otsu", "otsu")):
@@ -225,8 +212,6 @@ def localise_model(
     model: str,
 ) -> pd.DataFrame:
     """Per-slide metrics of one model: scores ``<id>_scores.json`` (+ .csv) matched to truth ``<id>.png``."""
-    from wsi_asmil.annotations import read_tumour_mask
-
     truth_by_id = {slide_id_from(p, ".png"): Path(p) for p in truth_png}
     rows = []
     for sj in scores_json:
@@ -235,7 +220,7 @@ def localise_model(
             continue
         meta = json.loads(Path(sj).read_text())
         table = pd.read_csv(Path(sj).with_name(f"{sid}_scores.csv"))
-        mask, side = read_tumour_mask(truth_by_id[sid], truth_by_id[sid].with_suffix(".json"))
+        mask, side = read_tumour_mask(truth_by_id[sid])
         coords = table[["x", "y"]].to_numpy()
         extent = float(meta["tile_extent"]) if meta.get("tile_extent") is not None else 0.0
         row = slide_metrics(coords, extent, table["score"].to_numpy(), mask, float(side["downsample"]), params)

@@ -32,6 +32,7 @@ from wsi_asmil import report_html as H
 from wsi_asmil.cli import setup_logging
 from wsi_asmil.io import write_csv, write_json, write_text
 from wsi_asmil.localisation import summarise
+from wsi_asmil.masks import read_tumour_mask
 from wsi_asmil.metrics import summarize
 
 log = logging.getLogger(__name__)
@@ -223,9 +224,8 @@ def heatmap_section(
     for sid in sample:
         truth = truth_ds = None
         if truth_dir is not None and (truth_dir / f"{sid}.png").is_file():
-            m = cv2.imread(str(truth_dir / f"{sid}.png"), cv2.IMREAD_GRAYSCALE)
-            truth = m > 0
-            truth_ds = float(json.loads((truth_dir / f"{sid}.json").read_text())["downsample"])
+            truth, side = read_tumour_mask(truth_dir / f"{sid}.png")
+            truth_ds = float(side["downsample"])
         cells = []
         for model in models:
             png = heatmaps_dir / model / f"{sid}.png"

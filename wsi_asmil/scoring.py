@@ -32,7 +32,6 @@ settings to change (``wsi_asmil.memory.oom_guard``), and the slide gets no outpu
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 from collections.abc import Iterator, Sequence
@@ -200,14 +199,14 @@ class ModelScorer:
         if not self.chunked:
             self.whole.append(chunk)
             return
-        with _eval(self.model):
+        with self.model.evaluating():
             logits, values = self.model.pooling_terms(chunk)
             self.pool.add(logits, values)
 
     @torch.no_grad()
     def finish(self) -> tuple[np.ndarray, np.ndarray]:
         """(scores (M,), probabilities (C,)) as float64."""
-        with _eval(self.model):
+        with self.model.evaluating():
             if not self.chunked:
                 bag = torch.cat(self.whole)
                 self.whole = []
@@ -218,16 +217,6 @@ class ModelScorer:
                 logits = self.model.logits_from_pooled(self.pool.pooled())
         probs = torch.softmax(logits.float(), dim=-1)
         return scores.float().cpu().numpy().astype(np.float64), probs.cpu().numpy().astype(np.float64)
-
-
-@contextlib.contextmanager
-def _eval(model: MILModel) -> Iterator[None]:
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 def iter_chunks(features: Any, chunk_tiles: int, device: torch.device) -> Iterator[torch.Tensor]:

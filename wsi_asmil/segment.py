@@ -8,7 +8,6 @@ is physical (um, um^2) so the same config works for 20x and 40x scanners.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -186,8 +185,12 @@ def segment_slide(
             "tissue_fraction": float(mask.mean()),
             "tissue_area_mm2": float(mask.sum() * mask_mpp**2 / 1e6),
             "n_pieces": len(polygons),
+            "unreadable_regions": [list(box) for box in slide.unreadable_regions],
             "params": asdict(params),
         }
+    if info["unreadable_regions"]:
+        log.warning("slide '%s': %d undecodable region(s) treated as background (listed in mask.json)",
+                    info["slide_id"], len(info["unreadable_regions"]))
     if not mask.any():
         log.warning("slide '%s': no tissue found; its tile set will be empty", info["slide_id"])
     write_image(out / "mask.png", mask.astype(np.uint8) * 255)
@@ -200,16 +203,6 @@ def segment_slide(
         len(polygons), mask_mpp, t,
     )
     return info
-
-
-def load_mask(seg_dir: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
-    """The boolean tissue mask and its metadata (downsample to level 0) from a segment output."""
-    seg = Path(seg_dir)
-    info = json.loads((seg / "mask.json").read_text())
-    mask = cv2.imread(str(seg / "mask.png"), cv2.IMREAD_GRAYSCALE)
-    if mask is None:
-        raise FileNotFoundError(f"cannot read tissue mask {seg / 'mask.png'}")
-    return mask > 0, info
 
 
 def params_from_args(args: argparse.Namespace) -> SegmentParams:

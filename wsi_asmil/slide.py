@@ -194,10 +194,6 @@ class Slide:
                 best = level
         return best
 
-    def extent_at(self, target_mpp: float, size: int) -> float:
-        """Level-0 pixels spanned by ``size`` pixels at ``target_mpp`` (not rounded)."""
-        return size * target_mpp / self.mpp
-
     def read_rgb(self, level: int, x0: int, y0: int, width: int, height: int) -> np.ndarray:
         """RGB uint8 region at a pyramid level; ``x0, y0`` are level-0 coordinates.
 
@@ -253,7 +249,6 @@ class Slide:
         ds = target_mpp / self.mpp
         out_w, out_h = max(1, int(round(w0 / ds))), max(1, int(round(h0 / ds)))
         level = self.best_level(target_mpp)
-        level_ds = self.level_downsamples[level]
         lw, lh = self.level_dimensions[level]
         sx, sy = lw / out_w, lh / out_h
         out = np.empty((out_h, out_w, 3), dtype=np.uint8)

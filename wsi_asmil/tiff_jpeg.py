@@ -33,9 +33,6 @@ _PHOTOMETRIC_YCBCR = 6
 #: JPEG tiles without any marker, so a decoder left alone would treat them as YCbCr).
 _ADOBE_RGB = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"
 _SOI = b"\xff\xd8"
-#: Largest difference from OpenSlide (8-bit levels) accepted in the agreement check; decoders that
-#: share libjpeg-turbo agree exactly, an IDCT variant may differ by a level or two.
-AGREEMENT_TOLERANCE = 2
 
 
 class JpegTiledLevel:

@@ -20,7 +20,7 @@ import numpy as np
 from wsi_asmil import store
 from wsi_asmil.cli import add_slide_args, setup_logging
 from wsi_asmil.io import write_image
-from wsi_asmil.segment import load_mask
+from wsi_asmil.masks import mask_fractions, read_tissue_mask
 from wsi_asmil.slide import Slide
 
 log = logging.getLogger(__name__)
@@ -49,27 +49,6 @@ def grid_origins(extent_l0: float, stride_l0: float, length_l0: int) -> np.ndarr
     return np.arange(n) * stride_l0
 
 
-def tissue_fractions(
-    mask: np.ndarray, downsample: float, x0: np.ndarray, y0: np.ndarray, extent_l0: float
-) -> np.ndarray:
-    """Fraction of each tile's area covered by the mask, from an integral image (vectorised).
-
-    ``x0``/``y0`` are level-0 origins; tile bounds are mapped to mask pixels and clamped so every
-    tile covers at least one mask pixel even when tiles are smaller than mask pixels.
-    """
-    h, w = mask.shape
-    integral = cv2.integral(mask.astype(np.uint8))
-    def bounds(origin: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-        lo = np.clip(np.floor(origin / downsample + 0.5).astype(np.int64), 0, size - 1)
-        hi = np.clip(np.floor((origin + extent_l0) / downsample + 0.5).astype(np.int64), 0, size)
-        return lo, np.maximum(hi, lo + 1)
-
-    xa, xb = bounds(x0, w)
-    ya, yb = bounds(y0, h)
-    total = integral[yb, xb] - integral[ya, xb] - integral[yb, xa] + integral[ya, xa]
-    return total / ((xb - xa) * (yb - ya))
-
-
 def tile_grid(
     mask: np.ndarray, mask_downsample: float, dimensions: tuple[int, int], mpp: float, params: TileParams
 ) -> tuple[np.ndarray, np.ndarray, float]:
@@ -80,7 +59,7 @@ def tile_grid(
     ys = grid_origins(extent, stride, dimensions[1])
     gx, gy = np.meshgrid(xs, ys)
     gx, gy = gx.ravel(), gy.ravel()
-    frac = tissue_fractions(mask, mask_downsample, gx, gy, extent) if gx.size else np.zeros(0)
+    frac = mask_fractions(mask, mask_downsample, gx, gy, extent)
     keep = frac >= params.min_tissue_fraction if params.min_tissue_fraction > 0 else frac > 0
     coords = np.stack([np.round(gx[keep]), np.round(gy[keep])], axis=1).astype(np.int64)
     return coords.reshape(-1, 2), frac[keep].astype(np.float32), extent
@@ -105,7 +84,7 @@ def tile_slide(
     mpp_fallback: float | None = None,
 ) -> dict[str, Any]:
     """Tile one slide and write its tiles store and grid QC image."""
-    mask, mask_info = load_mask(seg_dir)
+    mask, mask_info = read_tissue_mask(Path(seg_dir) / "mask.png")
     with Slide(slide_path, mpp_override, mpp_fallback) as slide:
         coords, frac, extent = tile_grid(mask, mask_info["downsample"], slide.dimensions, slide.mpp, params)
         read_level = slide.best_level(params.target_mpp)

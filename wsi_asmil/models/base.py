@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import abc
+import contextlib
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -49,12 +51,18 @@ class MILModel(nn.Module, metaclass=abc.ABCMeta):
         model's device; the result stays there.
         """
         param = next(self.parameters())
-        was_training = self.training
-        self.eval()
-        try:
+        with self.evaluating():
             bag = torch.as_tensor(bag).to(device=param.device, dtype=torch.float32)
             logits = self.attention_logits(bag).float()
             return torch.softmax(logits, dim=-1).mean(dim=(0, 1))
+
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator[None]:
+        """Eval mode for the block, then the previous mode back (scoring happens mid-training too)."""
+        was_training = self.training
+        self.eval()
+        try:
+            yield
         finally:
             self.train(was_training)
 
