@@ -1,6 +1,7 @@
 # Two commands on a fresh machine:  make demo  |  make test
 # Both create .venv (Python 3.11+) and install the package into it if needed.
 
+SHELL  := /bin/bash
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -17,9 +18,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-## Run the whole workflow on the built-in synthetic demo cohort (outputs in results/).
+## Run the whole workflow on the built-in synthetic demo cohort (outputs in results/). Progress is
+## compact; Snakemake's complete log is in .snakemake/log/ and each job's in results/logs/.
 demo: $(STAMP)
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake --cores $(CORES)
+	set -o pipefail; PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake --cores $(CORES) 2>&1 | $(BIN)/python -m wsi_asmil.console
 
 ## The default test suite (what CI runs): unit tests, real-slide tests and a tiny end-to-end run.
 test: $(STAMP)

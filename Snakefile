@@ -34,3 +34,20 @@ rule all:
     input:
         all_outputs,
     default_target: True
+
+
+from wsi_asmil.console import summary_lines as _summary_lines
+
+
+def _print_summary(logs, success):
+    if workflow.is_main_process:
+        inventories = [INVENTORY] + ([PREDICT_INVENTORY] if PREDICT_FOLDER else [])
+        print("\n".join(_summary_lines(f"{REPORT}/index.html", inventories, logs, success)), file=sys.stderr)
+
+
+onsuccess:
+    _print_summary(log, True)
+
+
+onerror:
+    _print_summary(log, False)
