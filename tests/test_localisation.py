@@ -12,8 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from scores_files import write_test_scores
+
 from wsi_asmil.annotations import TumourMask, write_tumour_mask
-from wsi_asmil.io import write_csv, write_json
 from wsi_asmil.localisation import (
     TUMOUR_TILE_FRACTION,
     LocalisationParams,
@@ -124,8 +125,7 @@ def test_cli_over_score_folders_and_truth_files(tmp_path: Path) -> None:
     tumour = (coords[:, 1] == 100) & np.isin(coords[:, 0], [100, 200])
     for sid, mask in (("tumour slide", truth), ("normal", np.zeros_like(truth)), ("unannotated", truth)):
         scores = np.where(tumour, 0.4, 0.2 / 14)
-        write_csv(scores_dir / f"{sid}_scores.csv", pd.DataFrame({"x": coords[:, 0], "y": coords[:, 1], "score": scores}))
-        write_json(scores_dir / f"{sid}_scores.json", {"slide_id": sid, "tile_extent": extent})
+        write_test_scores(scores_dir, sid, coords, scores, extent)
         if sid != "unannotated":
             write_tumour_mask(truth_dir / f"{sid}.png", truth_dir / f"{sid}.json", TumourMask(mask, ds, "test", "test"), sid, 0.25, (400, 400))
     main(["--model", "asmil", "--scores", str(scores_dir), "--truth", *map(str, sorted(truth_dir.glob("*.png"))),

@@ -347,7 +347,7 @@ def test_distribution_mean_is_the_kl_averaged_over_heads_and_tokens() -> None:
     online, anchor, tau = _loss_example()
     kl_head0 = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)  # 0.130812
     kl_head1 = 0.0  # P equals T
-    value = stabilization_loss(online, anchor, tau, "distribution_mean")
+    value = stabilization_loss(online, anchor, tau, "distribution_mean", "nsf")
     assert value.item() == pytest.approx((kl_head0 + kl_head1) / 2, abs=1e-6)
     assert value.item() == pytest.approx(0.065406, abs=1e-6)
 
@@ -356,7 +356,7 @@ def test_element_mean_is_the_released_cross_entropy_form() -> None:
     online, anchor, tau = _loss_example()
     head0 = -(0.75 * math.log(0.5) + 0.25 * math.log(0.5))  # ln 2
     head1 = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))  # entropy of T: no KL, no entropy removal
-    value = stabilization_loss(online, anchor, tau, "element_mean")
+    value = stabilization_loss(online, anchor, tau, "element_mean", "nsf")
     assert value.item() == pytest.approx((head0 + head1) / 4, abs=1e-6)  # mean over H*N*M = 4 elements
     assert value.item() == pytest.approx(0.313871, abs=1e-6)
 
@@ -378,7 +378,7 @@ def test_total_loss_and_target_is_detached() -> None:
 def test_loss_rejects_unknown_reduction() -> None:
     online, anchor, tau = _loss_example()
     with pytest.raises(ValueError):
-        stabilization_loss(online, anchor, tau, "sum")
+        stabilization_loss(online, anchor, tau, "sum", "nsf")
     with pytest.raises(ValueError):
         MILLoss(reduction="sum")
 
@@ -748,7 +748,7 @@ def test_nsf_at_half_temperature_is_softmax_times_sech() -> None:
     small = 0.05 * torch.randn(2, 4, 100, dtype=torch.float64)
     p, t = torch.softmax(small, -1), nsf(small, 0.5, eps=0.0)
     online = small.clone().requires_grad_(True)
-    value = stabilization_loss(online, small, 0.5, "distribution_mean")  # anchor logits = online
+    value = stabilization_loss(online, small, 0.5, "distribution_mean", "nsf")  # anchor logits = online
     value.backward()
     var_z2 = (p * small**4).sum(-1) - (p * small**2).sum(-1) ** 2
     assert 0 < value.item() < 1e-5

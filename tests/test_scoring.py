@@ -250,7 +250,7 @@ def test_out_of_memory_advice_on_a_gpu_and_for_whole_bag_models() -> None:
 
 
 def test_out_of_memory_while_writing_leaves_neither_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from wsi_asmil import scoring
+    from wsi_asmil import scores
     from wsi_asmil.memory import BagMemoryError
 
     models = tmp_path / "models" / "abmil"
@@ -259,7 +259,7 @@ def test_out_of_memory_while_writing_leaves_neither_file(tmp_path: Path, monkeyp
     out = tmp_path / "out"
     score_slides([tmp_path / "s.zarr"], models, 2, out, 0, None, "cpu")
     assert leftovers(out) == ["s_scores.csv", "s_scores.json"]
-    monkeypatch.setattr(scoring, "write_json", _raise(MemoryError()))
+    monkeypatch.setattr(scores, "write_json", _raise(MemoryError()))
     with pytest.raises(BagMemoryError, match="slide 's'"):
         score_slides([tmp_path / "s.zarr"], models, 2, out, 1, None, "cpu")
     assert leftovers(out) == []  # the new CSV is gone, and so is the old JSON it no longer matches

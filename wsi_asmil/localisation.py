@@ -30,7 +30,6 @@ Dice is undefined.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 from collections.abc import Sequence
@@ -45,6 +44,7 @@ from wsi_asmil.canvas import Grid, coverage_count
 from wsi_asmil.cli import setup_logging
 from wsi_asmil.io import write_csv, write_json
 from wsi_asmil.masks import mask_fractions, read_tumour_mask
+from wsi_asmil.scores import JSON_SUFFIX, read_scores, slide_id_of
 
 log = logging.getLogger(__name__)
 
@@ -200,33 +200,23 @@ def summarise(table: pd.DataFrame, metrics: Sequence[str] = SUMMARY_METRICS) -> 
     return out
 
 
-def slide_id_from(path: str | Path, suffix: str) -> str:
-    name = Path(path).name
-    if not name.endswith(suffix):
-        raise ValueError(f"{path}: expected a name ending in {suffix!r}")
-    return name[: -len(suffix)]
-
-
 def localise_model(
     scores_json: Sequence[str | Path], truth_png: Sequence[str | Path], params: LocalisationParams,
     model: str,
 ) -> pd.DataFrame:
     """Per-slide metrics of one model: scores ``<id>_scores.json`` (+ .csv) matched to truth ``<id>.png``."""
-    truth_by_id = {slide_id_from(p, ".png"): Path(p) for p in truth_png}
+    truth_by_id = {Path(p).stem: Path(p) for p in truth_png}
     rows = []
     for sj in scores_json:
-        sid = slide_id_from(sj, "_scores.json")
+        sid = slide_id_of(sj)
         if sid not in truth_by_id:
             continue
-        meta = json.loads(Path(sj).read_text())
-        table = pd.read_csv(Path(sj).with_name(f"{sid}_scores.csv"))
+        scores = read_scores(sj)
         mask, side = read_tumour_mask(truth_by_id[sid])
-        coords = table[["x", "y"]].to_numpy()
-        extent = float(meta["tile_extent"]) if meta.get("tile_extent") is not None else 0.0
-        row = slide_metrics(coords, extent, table["score"].to_numpy(), mask, float(side["downsample"]), params)
+        row = slide_metrics(scores.coords, scores.tile_extent, scores.scores, mask, float(side["downsample"]), params)
         row["tumour_area_mm2"] = float(side.get("tumour_area_um2", math.nan)) / 1e6
         rows.append({"model": model, "slide_id": sid, **row})
-    missing = sorted(set(truth_by_id) - {slide_id_from(p, "_scores.json") for p in scores_json})
+    missing = sorted(set(truth_by_id) - {slide_id_of(p) for p in scores_json})
     if missing:
         log.warning("%s: truth without scores for %d slide(s): %s", model, len(missing), ", ".join(missing[:10]))
     return pd.DataFrame(rows)
@@ -247,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     setup_logging()
     params = LocalisationParams(args.threshold, args.top_q, tuple(args.top_k))
-    scores = [q for p in map(Path, args.scores) for q in (sorted(p.glob("*_scores.json")) if p.is_dir() else [p])]
+    scores = [q for p in map(Path, args.scores) for q in (sorted(p.glob(f"*{JSON_SUFFIX}")) if p.is_dir() else [p])]
     table = localise_model(scores, args.truth, params, args.model)
     write_csv(args.out_csv, table)
     summary = {"model": args.model, "params": {"threshold": params.threshold, "top_q": params.top_q,

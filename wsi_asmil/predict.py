@@ -17,7 +17,6 @@ silent.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +25,7 @@ import pandas as pd
 
 from wsi_asmil.cli import setup_logging
 from wsi_asmil.io import write_csv
+from wsi_asmil.scores import JSON_SUFFIX, read_meta
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +39,8 @@ def gather_predictions(
     rows = []
     models = []
     for d in scores_dirs:
-        for p in sorted(Path(d).glob("*_scores.json")):
-            r = json.loads(p.read_text())
+        for p in sorted(Path(d).glob(f"*{JSON_SUFFIX}")):
+            r = read_meta(p)
             models.append(r["model"])
             row = {
                 "slide_id": r["slide_id"], "model": r["model"], "n_tiles": r["n_tiles"],

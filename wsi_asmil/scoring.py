@@ -46,10 +46,10 @@ import torch
 from wsi_asmil import store
 from wsi_asmil.cli import setup_logging
 from wsi_asmil.devices import resolve_device
-from wsi_asmil.io import write_csv, write_json
 from wsi_asmil.memory import BagMemoryError, oom_guard
 from wsi_asmil.models.base import MILModel, splits_at_softmax
 from wsi_asmil.models.registry import load_model
+from wsi_asmil.scores import write_scores
 
 log = logging.getLogger(__name__)
 
@@ -274,11 +274,7 @@ def write_slide_scores(
     out_dir: Path, slide_id: str, model_name: str, fold_mode: str | int, coords: np.ndarray,
     result: SlideScores, attrs: dict[str, Any],
 ) -> dict[str, Any]:
-    """``<slide>_scores.csv`` and ``<slide>_scores.json``; returns the JSON record.
-
-    The two are one result: if either cannot be written, neither is left (not even an older one,
-    which would no longer match its partner).
-    """
+    """``<slide>_scores.csv`` and ``<slide>_scores.json`` (``wsi_asmil.scores``); returns the record."""
     table = pd.DataFrame({"x": coords[:, 0], "y": coords[:, 1], "score": result.scores})
     if len(result.folds) > 1:
         for k, row in zip(result.folds, result.per_fold):
@@ -302,20 +298,8 @@ def write_slide_scores(
         "agreement": float(np.mean(result.probs_per_fold.argmax(axis=1) == int(np.argmax(mean)))) if has_probs else None,
         **_geometry(attrs),
     }
-    paths = scores_paths(out_dir, slide_id)
-    try:
-        write_csv(paths[0], table)
-        write_json(paths[1], record)
-    except BaseException:
-        for path in paths:
-            path.unlink(missing_ok=True)
-        raise
+    write_scores(out_dir, table, record)
     return record
-
-
-def scores_paths(out_dir: str | Path, slide_id: str) -> tuple[Path, Path]:
-    """The CSV and JSON a slide's scores are written to."""
-    return Path(out_dir) / f"{slide_id}_scores.csv", Path(out_dir) / f"{slide_id}_scores.json"
 
 
 def score_slides(

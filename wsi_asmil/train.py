@@ -43,34 +43,19 @@ from wsi_asmil.metrics import (
     summarize,
 )
 from wsi_asmil.models import (
+    ANCHOR_DEFAULTS,
     MODELS,
     Anchor,
     MILLoss,
     MILModel,
     build_model,
+    model_defaults,
     model_spec,
     save_checkpoint,
     target_distribution,
 )
 
 logger = logging.getLogger(__name__)
-
-_ANCHOR_DEFAULTS: dict[str, Any] = {
-    "anchor_mode": "ema",  # "ema" (paper) or "frozen_random" (released code: never updated)
-    "anchor_momentum": 0.999,  # EMA momentum m: anchor <- m * anchor + (1 - m) * online
-    # The EMA horizon 1 / (1 - m) in epochs instead: m = 1 - 1 / (horizon * steps per epoch).
-    # null keeps anchor_momentum, whose horizon in epochs depends on the fold's size.
-    "anchor_horizon_epochs": None,
-    "tau": 0.5,  # NSF temperature of the anchor target
-    "beta": 1.0,  # weight of L_AS; 0 trains without the anchor (the ablation)
-    "as_reduction": "distribution_mean",  # "distribution_mean" (paper KL), "element_mean" (released)
-    "target": "nsf",  # anchor target: "nsf" (the paper) or "softmax" at the same tau (the no-NSF ablation)
-}
-_ABMIL_DEFAULTS: dict[str, Any] = {
-    "hidden": 128,  # gated-attention hidden size
-    "inner_dim": None,  # D of the instance embedding ReLU(W x); null = D_feat // 2
-    "dropout": 0.0,  # dropout on the pooled feature before the classifier
-}
 
 DEFAULT_PARAMS: dict[str, Any] = {
     "epochs": 20,  # demo default; the paper trains 50 (100 for SSL features)
@@ -82,39 +67,11 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "max_tiles": None,  # training-only cap on tiles per bag (random subset each step); null = all
     "amp": False,  # bf16 autocast on CUDA (ignored on CPU); weights stay fp32
     "standardize": True,  # per-dimension feature standardisation from the fold's training tiles
-    "models": {
-        "asmil": {
-            "n_tokens": 8,  # FEAT tokens N, each with its own multi-head cross-attention
-            "token_drop": 0.5,  # B: share (fixed) or probability (bernoulli) of dropped tokens
-            "token_drop_mode": "fixed",  # "fixed": round(B*N) tokens; "bernoulli": each w.p. B
-            "aggregator_depth": 1,  # CLS cross-attention layers over the kept tokens
-            "inner_dim": None,  # D after the reduction; null = D_feat // 2 (128 for ViT-S)
-            "n_heads": 8,  # attention heads H in every cross-attention
-            "dropout": 0.1,  # dropout after each attention output projection
-            **_ANCHOR_DEFAULTS,
-        },
-        "abmil": dict(_ABMIL_DEFAULTS),
-        "acmil": {
-            "n_branches": 5,  # K attention branches, each with its own classifier
-            "hidden": 128,  # gated-attention hidden size
-            "inner_dim": None,  # D after the reduction; null = D_feat // 2
-            "mask_topk": 10,  # k of stochastic top-k instance masking (training only)
-            "mask_drop": 0.6,  # share of each branch's top-k tiles hidden per step
-            "dropout": 0.0,  # dropout after the reduction
-            "diversity_weight": 1.0,  # weight of the branch-attention cosine diversity term
-        },
-        "abmil_anchor": {**_ABMIL_DEFAULTS, **_ANCHOR_DEFAULTS},
-        "transmil": {
-            "dim": 512,  # width after the Linear + ReLU projection and in both Transformer layers
-            "n_heads": 8,  # heads of each Nystrom self-attention
-            "n_landmarks": None,  # Nystrom landmarks; null = dim // 2 (256)
-            "pinv_iterations": 6,  # Moore-Penrose iterations for the landmark pseudo-inverse
-            "dropout": 0.1,  # dropout after each attention output projection
-        },
-    },
+    # Each model's hyper-parameters and defaults come from its constructor (wsi_asmil.models).
+    "models": {name: model_defaults(name) for name in MODELS},
 }
 
-ANCHOR_KEYS = tuple(_ANCHOR_DEFAULTS)
+ANCHOR_KEYS = tuple(ANCHOR_DEFAULTS)
 SPLIT_PARTS = ("train", "val", "test")
 SCHEDULES = ("cosine", "constant")
 #: Slides whose gradients are split into the classification and the stabilisation part each epoch.

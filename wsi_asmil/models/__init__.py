@@ -7,11 +7,20 @@ from wsi_asmil.models.base import MILModel
 from wsi_asmil.models.ema import ANCHOR_MODES, Anchor
 from wsi_asmil.models.loss import AS_REDUCTIONS, MILLoss, stabilization_loss, target_distribution
 from wsi_asmil.models.nsf import nsf
-from wsi_asmil.models.registry import MODELS, build_model, load_model, model_spec, save_checkpoint
+from wsi_asmil.models.registry import (
+    ANCHOR_DEFAULTS,
+    MODELS,
+    build_model,
+    load_model,
+    model_defaults,
+    model_spec,
+    save_checkpoint,
+)
 from wsi_asmil.models.transmil import TransMIL
 
 __all__ = [
     "ABMIL",
+    "ANCHOR_DEFAULTS",
     "ANCHOR_MODES",
     "AS_REDUCTIONS",
     "ASMIL",
@@ -23,6 +32,7 @@ __all__ = [
     "TransMIL",
     "build_model",
     "load_model",
+    "model_defaults",
     "model_spec",
     "nsf",
     "save_checkpoint",

@@ -12,7 +12,7 @@ AS_REDUCTIONS = ("distribution_mean", "element_mean")
 TARGETS = ("nsf", "softmax")
 
 
-def target_distribution(anchor_logits: torch.Tensor, tau: float = 0.5, target_fn: str = "nsf") -> torch.Tensor:
+def target_distribution(anchor_logits: torch.Tensor, tau: float, target_fn: str) -> torch.Tensor:
     """The anchor's target over tiles, detached, in float32: NSF(z / tau), or softmax(z / tau).
 
     NSF is not shift-invariant: adding one constant to every logit changes how many tiles the
@@ -30,9 +30,9 @@ def target_distribution(anchor_logits: torch.Tensor, tau: float = 0.5, target_fn
 def stabilization_loss(
     online_logits: torch.Tensor,
     anchor_logits: torch.Tensor,
-    tau: float = 0.5,
-    reduction: str = "distribution_mean",
-    target_fn: str = "nsf",
+    tau: float,
+    reduction: str,
+    target_fn: str,
 ) -> torch.Tensor:
     """L_AS over (H, N, M) logits; the target is detached and the maths runs in float32.
 
@@ -52,7 +52,11 @@ def stabilization_loss(
 
 
 class MILLoss(nn.Module):
-    """``CE(slide logits, y) + beta * L_AS``; without anchor logits it is plain CE."""
+    """``CE(slide logits, y) + beta * L_AS``; without anchor logits it is plain CE.
+
+    Its keyword defaults are the paper's and the defaults of every anchored model
+    (``wsi_asmil.models.registry.ANCHOR_DEFAULTS`` reads them from here).
+    """
 
     def __init__(
         self,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -13,6 +14,8 @@ from wsi_asmil.models.abmil import ABMIL
 from wsi_asmil.models.acmil import ACMIL
 from wsi_asmil.models.asmil import ASMIL
 from wsi_asmil.models.base import MILModel
+from wsi_asmil.models.ema import Anchor
+from wsi_asmil.models.loss import MILLoss
 from wsi_asmil.models.transmil import TransMIL
 from wsi_asmil.io import atomic_path
 
@@ -33,6 +36,39 @@ MODELS: dict[str, ModelSpec] = {
     "abmil_anchor": ModelSpec(ABMIL, anchored=True),
     "transmil": ModelSpec(TransMIL, anchored=False),
 }
+
+
+def keyword_defaults(fn: Callable[..., Any], skip: Sequence[str] = ()) -> dict[str, Any]:
+    """A constructor's keyword defaults: the one place each hyper-parameter's default is written."""
+    return {
+        k: p.default for k, p in inspect.signature(fn).parameters.items()
+        if p.default is not inspect.Parameter.empty and k not in skip
+    }
+
+
+def _anchor_defaults() -> dict[str, Any]:
+    anchor, loss = keyword_defaults(Anchor), keyword_defaults(MILLoss)
+    return {
+        "anchor_mode": anchor["mode"],
+        "anchor_momentum": anchor["momentum"],
+        # The EMA horizon in epochs instead of m: m = 1 - 1 / (horizon x steps per epoch); None keeps m.
+        "anchor_horizon_epochs": None,
+        "tau": loss["tau"],
+        "beta": loss["beta"],
+        "as_reduction": loss["reduction"],
+        "target": loss["target"],
+    }
+
+
+#: The anchor and L_AS settings an anchored model trains with (not architecture: not in checkpoints).
+ANCHOR_DEFAULTS: dict[str, Any] = _anchor_defaults()
+
+
+def model_defaults(name: str) -> dict[str, Any]:
+    """Every hyper-parameter of model ``name`` with its default, read from its constructor (and the
+    anchor's and loss's, for anchored models), as timm keeps a model's config beside its class."""
+    spec = model_spec(name)
+    return {**keyword_defaults(spec.builder), **(ANCHOR_DEFAULTS if spec.anchored else {})}
 
 
 def model_spec(name: str) -> ModelSpec:
