@@ -49,6 +49,7 @@ from wsi_asmil.devices import resolve_device
 from wsi_asmil.memory import BagMemoryError, oom_guard
 from wsi_asmil.models.base import MILModel, splits_at_softmax
 from wsi_asmil.models.registry import load_model
+from wsi_asmil.run_layout import fold_checkpoint
 from wsi_asmil.scores import write_scores
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,7 @@ class FoldModels:
         self._cache: dict[int, tuple[MILModel, dict[str, Any]]] = {}
 
     def path(self, fold: int) -> Path:
-        return self.models_dir / f"fold{fold}" / "model.pt"
+        return fold_checkpoint(self.models_dir, fold)
 
     def loaded(self, fold: int) -> MILModel | None:
         """Fold ``fold``'s model if it is loaded already (never loads it)."""

@@ -10,6 +10,7 @@ from wsi_asmil import __version__ as VERSION
 from wsi_asmil.cohort import check_split_feasible, match_cohort
 from wsi_asmil.inventory import usable_ids
 from wsi_asmil.packaged_weights import check_weights_setting
+from wsi_asmil.run_layout import RunLayout
 from wsi_asmil.slide import discover_slides
 from wsi_asmil.synthetic import demo_slide_ids
 from wsi_asmil.tile import TileParams
@@ -62,14 +63,16 @@ ENCODER = config["features"]["encoder"].replace("/", "_").replace(":", "_")
 FOLDS = list(range(1 if config["split"]["mode"] == "fixed" else config["split"]["folds"]))
 MODELS = config["train"]["models"]
 
-INVENTORY = f"{OUT}/inventory/slides.csv"
-SEG_DIR = f"{OUT}/segment/{{slide}}"
-TILES = f"{OUT}/tiles/{TILING}/{{slide}}.zarr"
-FEATURES_DIR = f"{OUT}/features/{TILING}/{ENCODER}"
-FEATURES = f"{FEATURES_DIR}/{{slide}}.zarr"
-SPLIT = f"{OUT}/splits/split.json"
-MODEL_DIR = f"{OUT}/models/{{model}}/fold{{fold}}"
-REPORT = f"{OUT}/report"
+# Every path comes from wsi_asmil.run_layout, which the package's stages use as well.
+LAYOUT = RunLayout(OUT, TILING, ENCODER)
+INVENTORY = LAYOUT.inventory
+SEG_DIR = LAYOUT.segment()
+TILES = LAYOUT.tiles()
+FEATURES_DIR = LAYOUT.features_dir
+FEATURES = LAYOUT.features()
+SPLIT = LAYOUT.split
+MODEL_DIR = LAYOUT.fold()
+REPORT = LAYOUT.report
 
 wildcard_constraints:
     slide=r"[^/]+",
@@ -105,6 +108,11 @@ def gpus(section):
     """GPU slots a rule of ``section`` takes: none when its device is the CPU, so it neither waits
     for the card locally nor asks Slurm for one."""
     return 0 if config[section]["device"] == "cpu" else 1
+
+
+def fold_checkpoints(wildcards):
+    """Every fold's checkpoint of the job's model."""
+    return [LAYOUT.checkpoint(wildcards.model, k) for k in FOLDS]
 
 
 def usable(ids):

@@ -9,11 +9,11 @@ HEATMAP = config["heatmap"]
 LOCALISATION = HEATMAP["localisation"]
 HEATMAP_MODELS = list(MODELS) if HEATMAP["models"] is None else list(HEATMAP["models"])
 SCORE_FOLD = str(HEATMAP["fold"])
-SCORES_DIR = f"{OUT}/heatmaps/{{model}}/scores"
-HEATMAP_DIR = f"{OUT}/heatmaps/{{model}}"
-LEGEND = f"{OUT}/heatmaps/legend.png"
-TRUTH_DIR = f"{OUT}/localisation/truth"
-LOCALISATION_DIR = f"{OUT}/localisation"
+SCORES_DIR = LAYOUT.scores()
+HEATMAP_DIR = LAYOUT.heatmaps()
+LEGEND = LAYOUT.legend
+TRUTH_DIR = str(Path(LAYOUT.truth()).parent)
+LOCALISATION_DIR = LAYOUT.localisation
 
 
 def check_models(key, models):
@@ -99,11 +99,11 @@ rule attention:
     input:
         features=lambda wc: expand(FEATURES, slide=usable(TRAIN_IDS)),
         split=SPLIT,
-        models=expand(f"{OUT}/models/{{{{model}}}}/fold{{fold}}/model.pt", fold=FOLDS),
+        models=fold_checkpoints,
     output:
         directory(SCORES_DIR),
     params:
-        models_dir=lambda wc: f"{OUT}/models/{wc.model}",
+        models_dir=lambda wc: LAYOUT.models(wc.model),
         fold=SCORE_FOLD,
         folds=len(FOLDS),
         version=VERSION,

@@ -5,7 +5,8 @@
 from wsi_asmil.inventory import usable_ids as _usable_ids
 
 PREDICT = config["predict"]
-PREDICT_OUT = f"{OUT}/predict"
+PREDICT_LAYOUT = LAYOUT.predict()
+PREDICT_OUT = PREDICT_LAYOUT.root
 PREDICT_MODELS = list(MODELS) if PREDICT["models"] is None else list(PREDICT["models"])
 check_models("predict.models", PREDICT_MODELS)
 check_fold("predict.fold", PREDICT["fold"])
@@ -23,12 +24,12 @@ if PREDICT["slides_dir"] is not None:
         )
     PREDICT_FOLDER = {s: str(p) for s, p in _pfound.items()}
 PREDICT_ON = bool(PREDICT_COHORT or PREDICT_FOLDER)
-PREDICT_INVENTORY = f"{PREDICT_OUT}/inventory/slides.csv"
-PRED_SEG_DIR = f"{PREDICT_OUT}/segment/{{slide}}"
-PRED_TILES = f"{PREDICT_OUT}/tiles/{TILING}/{{slide}}.zarr"
-PRED_FEATURES = f"{PREDICT_OUT}/features/{TILING}/{ENCODER}/{{slide}}.zarr"
-PRED_SCORES = f"{PREDICT_OUT}/heatmaps/{{model}}/scores"
-PRED_HEATMAP_DIR = f"{PREDICT_OUT}/heatmaps/{{model}}"
+PREDICT_INVENTORY = PREDICT_LAYOUT.inventory
+PRED_SEG_DIR = PREDICT_LAYOUT.segment()
+PRED_TILES = PREDICT_LAYOUT.tiles()
+PRED_FEATURES = PREDICT_LAYOUT.features()
+PRED_SCORES = PREDICT_LAYOUT.scores()
+PRED_HEATMAP_DIR = PREDICT_LAYOUT.heatmaps()
 
 
 def predict_ids():
@@ -141,11 +142,11 @@ if PREDICT_FOLDER:
 rule predict_attention:
     input:
         features=lambda wc: [predict_store(s) for s in predict_ids()],
-        models=expand(f"{OUT}/models/{{{{model}}}}/fold{{fold}}/model.pt", fold=FOLDS),
+        models=fold_checkpoints,
     output:
         directory(PRED_SCORES),
     params:
-        models_dir=lambda wc: f"{OUT}/models/{wc.model}",
+        models_dir=lambda wc: LAYOUT.models(wc.model),
         fold=str(PREDICT["fold"]),
         folds=len(FOLDS),
         version=VERSION,

@@ -46,7 +46,7 @@ rule train:
         curves=f"{MODEL_DIR}/curves.png",
     params:
         features_dir=FEATURES_DIR,
-        out_dir=lambda wc: f"{OUT}/models/{wc.model}/fold{wc.fold}",
+        out_dir=lambda wc: LAYOUT.fold(wc.model, wc.fold),
         train=train_params,
         device=config["train"]["device"],
         version=VERSION,
