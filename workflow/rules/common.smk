@@ -11,6 +11,7 @@ from wsi_asmil.cohort import check_split_feasible, match_cohort
 from wsi_asmil.inventory import usable_ids
 from wsi_asmil.packaged_weights import check_weights_setting
 from wsi_asmil.run_layout import RunLayout
+from wsi_asmil.workflow_args import mpp_options, options, train_params
 from wsi_asmil.slide import discover_slides
 from wsi_asmil.synthetic import demo_slide_ids
 from wsi_asmil.tile import TileParams
@@ -82,26 +83,12 @@ wildcard_constraints:
 
 def mpp_args(wildcards):
     """The per-slide mpp override and the config fallback, as command-line arguments."""
-    args = []
-    if wildcards.slide in MPP_OVERRIDE:
-        args += ["--slide-mpp", str(MPP_OVERRIDE[wildcards.slide])]
-    if config["mpp_fallback"] is not None:
-        args += ["--mpp-fallback", str(config["mpp_fallback"])]
-    return shlex.join(args)
+    return mpp_options(wildcards.slide, MPP_OVERRIDE, config["mpp_fallback"])
 
 
 def cli_args(section, exclude=()):
     """A config section as --long-options; as a rule param it makes reruns follow config edits."""
-    args = []
-    for key, value in config[section].items():
-        if key in exclude:
-            continue
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            args.append(flag if value else "--no-" + key.replace("_", "-"))
-        else:
-            args += [flag, str(value)]
-    return shlex.join(args)
+    return options(config[section], exclude=exclude)
 
 
 def gpus(section):

@@ -9,7 +9,7 @@ checkpoint inventory:
         INVENTORY,
     params:
         slides_dir=SLIDES_DIR,
-        mpp=lambda wc: "" if config["mpp_fallback"] is None else f"--mpp-fallback {config['mpp_fallback']}",
+        mpp=mpp_options(None, {}, config["mpp_fallback"]),
         version=VERSION,
     conda:
         ENV

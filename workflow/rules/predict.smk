@@ -53,7 +53,7 @@ def predict_mpp_args(wildcards):
     """A folder's slides have no label table: only the config fallback applies to them."""
     if wildcards.slide not in PREDICT_FOLDER:
         return mpp_args(wildcards)
-    return shlex.join([] if config["mpp_fallback"] is None else ["--mpp-fallback", str(config["mpp_fallback"])])
+    return mpp_options(None, {}, config["mpp_fallback"])
 
 
 def predict_segment_file(name):
@@ -82,7 +82,7 @@ if PREDICT_FOLDER:
             PREDICT_INVENTORY,
         params:
             slides_dir=PREDICT["slides_dir"],
-            mpp=lambda wc: "" if config["mpp_fallback"] is None else f"--mpp-fallback {config['mpp_fallback']}",
+            mpp=mpp_options(None, {}, config["mpp_fallback"]),
             version=VERSION,
         conda:
             ENV

@@ -20,17 +20,9 @@ rule split:
         " --out {output:q} {params.args} > {log:q} 2>&1"
 
 
-# The per-model sections of train (asmil:, abmil:, ...): the only mappings in it, as the schema says.
-MODEL_KEYS = tuple(k for k, v in config["train"].items() if isinstance(v, dict))
-
-
-def train_params(wildcards):
-    """The train section as wsi_asmil.train expects it (only this model's settings, so editing
-    another model's hyper-parameters does not retrain this one)."""
-    skip = ("models", "device", "threads", *MODEL_KEYS)
-    params = {k: v for k, v in config["train"].items() if k not in skip}
-    params["models"] = {wildcards.model: config["train"][wildcards.model]}
-    return json.dumps(params, sort_keys=True)
+def train_params_json(wildcards):
+    """The train section for this job's model only (wsi_asmil.workflow_args.train_params)."""
+    return train_params(config["train"], wildcards.model)
 
 
 rule train:
@@ -47,7 +39,7 @@ rule train:
     params:
         features_dir=FEATURES_DIR,
         out_dir=lambda wc: LAYOUT.fold(wc.model, wc.fold),
-        train=train_params,
+        train=train_params_json,
         device=config["train"]["device"],
         version=VERSION,
     threads: config["train"]["threads"]
