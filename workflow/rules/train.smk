@@ -27,7 +27,9 @@ MODEL_KEYS = tuple(k for k, v in config["train"].items() if isinstance(v, dict))
 def train_params(wildcards):
     """The train section as wsi_asmil.train expects it (only this model's settings, so editing
     another model's hyper-parameters does not retrain this one)."""
-    skip = ("models", "device", "threads", *MODEL_KEYS)
+    # device is a param of its own; threads and memory_budget change speed, never results, so
+    # they are not params and editing them re-runs nothing (memory_budget goes on the command line).
+    skip = ("models", "device", "threads", "memory_budget", *MODEL_KEYS)
     params = {k: v for k, v in config["train"].items() if k not in skip}
     params["models"] = {wildcards.model: config["train"][wildcards.model]}
     return json.dumps(params, sort_keys=True)
@@ -62,4 +64,5 @@ rule train:
     shell:
         "OMP_NUM_THREADS={threads} {PY} -m wsi_asmil.train --features-dir {params.features_dir:q}"
         " --split {input.split:q} --fold {wildcards.fold} --model {wildcards.model}"
-        " --params {params.train:q} --device {params.device:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"
+        " --params {params.train:q} --device {params.device:q} --out-dir {params.out_dir:q}"
+        " --memory-budget {config[train][memory_budget]:q} > {log:q} 2>&1"
