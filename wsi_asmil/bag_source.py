@@ -34,8 +34,10 @@ _NUMPY_DTYPES = {torch.float16: np.float16, torch.float32: np.float32}
 AUTO_SHARE = 0.5
 #: Bags read ahead of the one in use; each costs one bag of host memory.
 PREFETCH_BAGS = 2
-#: Slides whose statistics dask computes at once (each holds a slide in float64 twice).
+#: Threads computing the statistics, and slides per dask computation (each slide is held in float64
+#: twice while reduced): together they bound the statistics' memory.
 STAT_WORKERS = 4
+STAT_BATCH = 16
 _UNITS = {
     "": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
     "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
@@ -109,7 +111,7 @@ def read_host_bag(
             )
     with np.errstate(over="ignore"):  # an overflow is not exact: that bag stays float32
         held = features.astype(_NUMPY_DTYPES[dtype], copy=False)  # converted on the host
-    if np.array_equal(held, features):  # exact (always, for stores written by store.py)
+    if held is features or np.array_equal(held, features):  # exact (always, for store.py's stores)
         features = held
     return features, truth
 
@@ -166,9 +168,9 @@ def _slide_sums(block: np.ndarray) -> np.ndarray:
 def feature_sums(entries: Sequence[SlideEntry]) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(sum, sum of squares, number of tiles) over every tile of ``entries``' stores, with dask.
 
-    The stores are opened as one lazy (total tiles, D) dask array with one block per slide; each
-    block is reduced on its own and the per-slide sums are added in slide order on the host, the
-    order ``FeatureNorm.fit`` adds its bags in. Memory: ``STAT_WORKERS`` slides at a time.
+    The stores are opened as lazy dask arrays with one block per slide and combined into one
+    (2 x slides, D) collection of per-slide sums; the per-slide sums are added in slide order on the
+    host, the order ``FeatureNorm.fit`` adds its bags in. Memory: ``STAT_BATCH`` slides at most.
     """
     import dask
     import dask.array as da
@@ -181,12 +183,22 @@ def feature_sums(entries: Sequence[SlideEntry]) -> tuple[torch.Tensor, torch.Ten
     if len(dims) != 1:
         raise ValueError(f"feature dimensions differ between slides: {sorted(dims)}")
     dim = dims.pop()
-    cohort = da.concatenate(
-        [da.from_zarr(store.lazy_features(e.store), chunks=(e.n_tiles, dim)) for e in entries], axis=0
+    sums = da.concatenate(
+        [
+            da.from_zarr(store.lazy_features(e.store), chunks=(e.n_tiles, dim)).map_blocks(
+                _slide_sums, chunks=(2, dim), dtype=np.float64
+            )
+            for e in entries
+        ],
+        axis=0,
     )
-    sums = cohort.map_blocks(_slide_sums, chunks=((2,) * len(entries), (dim,)), dtype=np.float64)
+    # Computed a batch of slides at a time: the scheduler would otherwise read slides far ahead of
+    # their reduction (measured: peak memory growing with the number of slides).
+    batch = STAT_BATCH
     with dask.config.set(scheduler="threads", num_workers=STAT_WORKERS):
-        per_slide = sums.compute().reshape(len(entries), 2, dim)
+        per_slide = np.concatenate(
+            [sums[2 * i : 2 * (i + batch)].compute() for i in range(0, len(entries), batch)]
+        ).reshape(len(entries), 2, dim)
     total, squares = per_slide[0, 0], per_slide[0, 1]
     for row in per_slide[1:]:
         total, squares = total + row[0], squares + row[1]

@@ -20,7 +20,7 @@ import math
 import os
 import random
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -257,7 +257,8 @@ def load_bags(
         with oom_guard(
             "loading the features of", slide_id, features.shape[0], device,
             f"Every bag of the fold is kept on the device ({loaded} tiles so far, "
-            f"{features.shape[1]}-d): set train.device: cpu, or free the GPU",
+            f"{features.shape[1]}-d): lower train.memory_budget (for example 0) to stream the bags "
+            "from disk instead, or set train.device: cpu, or free the GPU",
         ):
             features_t = torch.from_numpy(features).to(device)
         bags.append(Bag(slide_id, label, features_t, torch.tensor(label, device=device), truth))
@@ -583,7 +584,11 @@ def selection_score(val: Mapping[str, float]) -> float:
 
 @dataclass
 class Snapshot:
-    """Everything reported about one epoch, so the selected epoch needs no re-evaluation."""
+    """Everything reported about one epoch, so the selected epoch needs no re-evaluation.
+
+    Without the per-map attention (``EvalResult.maps``): only the next epoch's instability needs
+    it, and kept here it would hold R maps per val and test slide twice more for the whole run.
+    """
 
     epoch: int
     state: dict[str, torch.Tensor]
@@ -644,7 +649,7 @@ def run_epochs(trainer: Trainer, data: FoldData, label: str) -> RunResult:
         is_best = bool(data.bags["val"]) and (best is None or score > best.score)
         if is_best or epoch == epochs:
             state = {k: v.detach().cpu().clone() for k, v in trainer.model.state_dict().items()}
-            snapshot = Snapshot(epoch, state, val, test, score)
+            snapshot = Snapshot(epoch, state, replace(val, maps={}), replace(test, maps={}), score)
             best = snapshot if is_best else best
     if best is None:
         logger.warning("%s: no validation slides, selecting the last epoch", label)
