@@ -79,7 +79,13 @@ def worker(root: Path, budget: str, epochs: int, threads: int) -> dict[str, Any]
     import dask.array  # noqa: F401  (imported before the clocks: the statistics' time is their work)
     import torch
 
-    from wsi_asmil.train import build_trainer, evaluate, load_fold, resolve_params, train_one_epoch
+    from wsi_asmil.train import (
+        build_trainer,
+        evaluate,
+        load_fold,
+        resolve_params,
+        train_one_epoch,
+    )
 
     torch.set_num_threads(threads)
     device = torch.device("cpu")
@@ -103,7 +109,7 @@ def worker(root: Path, budget: str, epochs: int, threads: int) -> dict[str, Any]
 def run(root: Path, budget: str, epochs: int, threads: int) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--worker", str(root), "--budget", budget, "--epochs", str(epochs),
            "--threads", str(threads)]
-    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    out = subprocess.run(cmd, check=False, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     if out.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -14,6 +14,7 @@ whatever the cohort's size.
 
 from __future__ import annotations
 
+import abc
 import logging
 import os
 import queue
@@ -101,8 +102,8 @@ def read_host_bag(
     """
     from wsi_asmil import store  # zarr only where stores are read
 
-    features, _, _ = store.read_features(store_path)
-    truth = store.read_tile_truth(store_path) if truth is None else truth
+    features, stored_truth = store.read_bag(store_path)
+    truth = stored_truth if truth is None else truth
     if truth is not None:
         truth = np.asarray(truth) > 0
         if truth.shape != (features.shape[0],):
@@ -208,7 +209,7 @@ def feature_sums(entries: Sequence[SlideEntry]) -> tuple[torch.Tensor, torch.Ten
 # --- sources ---------------------------------------------------------------------------------------
 
 
-class BagSource:
+class BagSource(abc.ABC):
     """The bags of one part of a fold (train, val or test), in the order the trainer asks for.
 
     ``iterate(order)`` yields the bags at the positions in ``order``; iterating the source itself
@@ -224,8 +225,9 @@ class BagSource:
     def __iter__(self) -> Iterator[Bag]:
         return self.iterate(range(len(self)))
 
+    @abc.abstractmethod
     def iterate(self, order: Iterable[int]) -> Iterator[Bag]:
-        raise NotImplementedError
+        """The bags at the positions in ``order`` (repeats allowed), one at a time."""
 
 
 class InMemoryBags(BagSource):
@@ -295,7 +297,7 @@ class StreamingBags(BagSource):
                 if stop.is_set():
                     return
                 self._put(out, (index, *self._read(index)), stop)
-        except BaseException as exc:  # the consumer raises it, in its own thread
+        except Exception as exc:  # the consumer raises it, in its own thread
             self._put(out, exc, stop)
 
     @staticmethod
@@ -316,7 +318,7 @@ class StreamingBags(BagSource):
         try:
             for _ in order:
                 item = out.get()
-                if isinstance(item, BaseException):
+                if isinstance(item, Exception):
                     raise item
                 index, host, truth = item
                 entry = self.entries[index]
@@ -337,7 +339,7 @@ def ordered(bags: Sequence[Bag] | BagSource, order: Iterable[int]) -> Iterator[B
 # --- the memory budget -----------------------------------------------------------------------------
 
 
-def parse_budget(value: int | float | str) -> int | None:
+def parse_budget(value: float | str) -> int | None:
     """Bytes of a ``train.memory_budget`` value: a number of bytes or a size such as ``"8GiB"``,
     ``"500 MB"``; None for ``"auto"``. Anything else is an error naming the key."""
     if isinstance(value, bool):
@@ -371,7 +373,7 @@ def available_memory(device: torch.device) -> int:
 
 
 def choose_source(
-    entries: Sequence[SlideEntry], device: torch.device, dtype: torch.dtype, budget: int | float | str
+    entries: Sequence[SlideEntry], device: torch.device, dtype: torch.dtype, budget: float | str
 ) -> dict[str, Any]:
     """Whether the fold's features (``entries``, held as ``dtype``) stay in memory or stream.
 

@@ -34,6 +34,7 @@ from wsi_asmil.bag_source import (
     Bag,
     BagSource,
     InMemoryBags,
+    SlideEntry,
     StreamingBags,
     check_dtype,
     choose_source,
@@ -42,7 +43,6 @@ from wsi_asmil.bag_source import (
     label_index,
     ordered,
     read_host_bag,
-    SlideEntry,
     scan_slides,
 )
 from wsi_asmil.cli import setup_logging
@@ -272,7 +272,7 @@ def load_fold(
     device: torch.device,
     dtype: torch.dtype | None = None,
     tile_truth: Mapping[str, np.ndarray] | None = None,
-    memory_budget: int | float | str = "auto",
+    memory_budget: float | str = "auto",
 ) -> FoldData:
     """The bags of one fold on ``device``: in memory when the fold's features fit
     ``memory_budget`` (no per-epoch I/O), else streamed from their stores (bounded memory).
