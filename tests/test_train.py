@@ -323,8 +323,7 @@ def test_float16_is_used_only_where_it_is_exact(tmp_path: Path, monkeypatch: pyt
     exact = np.float16([[0.5, -3.25], [1e-3, 2.0]]).astype(np.float32)
     inexact = np.float32([[0.1, 1e6]])
     arrays = {"exact": exact, "inexact": inexact}
-    monkeypatch.setattr(store, "read_features", lambda path: (arrays[Path(path).stem], None, {}))
-    monkeypatch.setattr(store, "read_tile_truth", lambda path: None)
+    monkeypatch.setattr(store, "read_bag", lambda path: (arrays[Path(path).stem], None))
     bags, _ = load_bags(tmp_path, ["exact", "inexact"], {"exact": "normal", "inexact": "tumour"}, CLASSES,
                         torch.device("cpu"), torch.float16)
     assert bags[0].features.dtype == torch.float16 and torch.equal(bags[0].features.float(), torch.from_numpy(exact))

@@ -94,6 +94,7 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
         ({"predict": {"bogus": 1}}, "bogus"),
         ({"features": {"batch_size": "huge"}}, "batch_size"),
         ({"features": {"num_workers": -1}}, "num_workers"),
+        ({"train": {"memory_budget": "lots"}}, "memory_budget"),
         ({"features": {"encoder": "resnet18", "weights": "imagenet-pypi"}}, "features.encoder"),
     ],
 )
@@ -206,6 +207,7 @@ def test_nothing_to_do_after_a_run(finished_run: tuple[Path, dict]) -> None:
                                           "predict_tile": 1, "predict_features": 1}),
         ({"features": {"precision": "fp32"}}, {"features": 8, "train": 4, "report": 1, **SCORED, "predict_features": 1}),
         ({"features": {"batch_size": 32, "num_workers": 0}}, {}),
+        ({"train": {"memory_budget": "1MiB"}}, {}),
         ({"train": {"lr": 0.0002}}, {"train": 4, "report": 1, **SCORED}),
         ({"train": {"asmil": {"beta": 0.5}}}, {"train": 2, "report": 1, "attention": 1, "heatmap": 8, "localisation": 1,
                                                "predict_attention": 1, "predict_heatmap": 1, "predict": 1}),
@@ -222,7 +224,7 @@ def test_nothing_to_do_after_a_run(finished_run: tuple[Path, dict]) -> None:
                                                                  "predict_attention": 1, "predict_heatmap": 1, "predict": 1}),
         ({"train": {"transmil": {"dim": 64}}}, {}),
     ],
-    ids=["segment", "tiling", "features", "speed-only", "train", "asmil-only", "abmil-only", "heatmap",
+    ids=["segment", "tiling", "features", "speed-only", "train-speed-only", "train", "asmil-only", "abmil-only", "heatmap",
          "localisation", "scoring-fold", "scoring-device", "predict-fold", "model-added", "untrained-model"],
 )
 def test_config_edit_reruns_exactly_the_affected_stages(

@@ -249,6 +249,17 @@ def read_features(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray,
     return g["features"][:].astype(np.float32), g["coords"][:], dict(g.attrs)
 
 
+def read_bag(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray | None]:
+    """(features (M, D) float32, per-tile truth (M,) int8 or None) of a features store: what
+    training reads of a slide, with one open and no coords (streamed training reads it every epoch)."""
+    g = open_store(path)
+    try:
+        truth = np.asarray(g[TILE_TRUTH][:], dtype=np.int8)
+    except KeyError:
+        truth = None
+    return g["features"][:].astype(np.float32), truth
+
+
 def lazy_features(path: str | os.PathLike[str]) -> zarr.Array:
     """The features array without reading it, for callers that slice rows."""
     return open_store(path)["features"]

@@ -20,7 +20,7 @@ import math
 import os
 import random
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,21 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from wsi_asmil.bag_source import (
+    Bag,
+    BagSource,
+    InMemoryBags,
+    SlideEntry,
+    StreamingBags,
+    check_dtype,
+    choose_source,
+    feature_dtype,
+    feature_sums,
+    label_index,
+    ordered,
+    read_host_bag,
+    scan_slides,
+)
 from wsi_asmil.cli import setup_logging
 from wsi_asmil.devices import resolve_device, to_device
 from wsi_asmil.io import atomic_path, write_csv, write_json
@@ -67,6 +82,9 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "max_tiles": None,  # training-only cap on tiles per bag (random subset each step); null = all
     "amp": False,  # bf16 autocast on CUDA (ignored on CPU); weights stay fp32
     "standardize": True,  # per-dimension feature standardisation from the fold's training tiles
+    # Speed only, never results: bytes ("8GiB", "500MB", a number) the fold's features may take in
+    # memory, else they stream from disk; "auto" = half the available host (or GPU) memory.
+    "memory_budget": "auto",
     # Each model's hyper-parameters and defaults come from its constructor (wsi_asmil.models).
     "models": {name: model_defaults(name) for name in MODELS},
 }
@@ -136,26 +154,15 @@ def split_model_params(model_params: Mapping[str, Any]) -> tuple[dict[str, Any],
 
 
 @dataclass(frozen=True)
-class Bag:
-    """One slide's features and label, already on the training device.
-
-    ``features`` may be float16 (see :func:`feature_dtype`); every consumer upcasts with
-    ``.float()`` (a no-op on float32) so the maths is float32 either way.
-    """
-
-    slide_id: str
-    label: int
-    features: torch.Tensor
-    target: torch.Tensor
-    truth: np.ndarray | None = None  # per-tile positives (witness or tumour tiles), when known
-
-
-@dataclass(frozen=True)
 class FoldData:
+    """The bags of a fold's parts (a :class:`BagSource` each, or plain lists of bags), and how
+    they are held: ``source`` is :func:`choose_source`'s decision, None for hand-made folds."""
+
     classes: list[str]
-    bags: dict[str, list[Bag]]
+    bags: dict[str, Sequence[Bag] | BagSource]
     skipped: list[str]
     in_dim: int
+    source: dict[str, Any] | None = None
 
 
 def load_split(
@@ -168,22 +175,6 @@ def load_split(
         raise ValueError(f"fold {fold} out of range: the split has {len(folds)} folds")
     parts = {name: list(folds[fold].get(name, [])) for name in SPLIT_PARTS}
     return list(data["classes"]), dict(data["labels"]), parts
-
-
-_NUMPY_DTYPES = {torch.float16: np.float16, torch.float32: np.float32}
-
-
-def feature_dtype(device: torch.device) -> torch.dtype:
-    """How a fold's features are held on ``device``: float16 on CUDA, float32 elsewhere.
-
-    Feature stores hold float16 (store.py), so float16 on the GPU is exact, not a rounding (a bag
-    whose values float16 cannot hold exactly stays float32): it halves the memory of a cohort kept
-    on the GPU for the whole fold, and the trainer upcasts each bag to float32 on the device
-    (microseconds) so results equal a float32 copy's. bfloat16 is not used: its 8-bit mantissa
-    would round the stored values before standardisation. On the CPU the upcast would cost time
-    every step and memory is rarely the limit, so float32 stays.
-    """
-    return torch.float16 if device.type == "cuda" else torch.float32
 
 
 def load_bags(
@@ -208,44 +199,23 @@ def load_bags(
     out of training and of every metric, with a warning rather than an error: one empty slide must
     not stop a cohort.
     """
-    from wsi_asmil.store import read_features, read_tile_truth  # zarr only where stores are read
-
     dtype = feature_dtype(device) if dtype is None else dtype
-    if dtype not in _NUMPY_DTYPES:
-        raise ValueError(f"features can be held as float16 or float32, not {dtype}")
-    class_index = {c: i for i, c in enumerate(classes)}
+    check_dtype(dtype)
     bags, skipped = [], []
     for slide_id in slide_ids:
-        if slide_id not in labels:
-            raise ValueError(f"slide {slide_id!r} has no label in the split")
-        if labels[slide_id] not in class_index:
-            raise ValueError(
-                f"slide {slide_id!r} has label {labels[slide_id]!r}, not one of {list(classes)}"
-            )
-        store = Path(features_dir) / f"{slide_id}.zarr"
-        features, _, _ = read_features(store)
+        label = label_index(slide_id, labels, classes)
         truth = tile_truth.get(slide_id) if tile_truth is not None else None
-        truth = read_tile_truth(store) if truth is None else truth
-        if truth is not None:
-            truth = np.asarray(truth) > 0
-            if truth.shape != (features.shape[0],):
-                raise ValueError(
-                    f"slide {slide_id!r}: per-tile truth has {truth.shape[0]} rows, its features {features.shape[0]}"
-                )
-        with np.errstate(over="ignore"):  # an overflow is not exact: that bag stays float32
-            held = features.astype(_NUMPY_DTYPES[dtype], copy=False)  # converted on the host
-        if np.array_equal(held, features):  # exact (always, for stores written by store.py)
-            features = held
+        features, truth = read_host_bag(Path(features_dir) / f"{slide_id}.zarr", slide_id, dtype, truth)
         if features.shape[0] == 0:
             logger.warning("slide %s has no tiles (M = 0): skipped", slide_id)
             skipped.append(slide_id)
             continue
-        label = class_index[labels[slide_id]]
         loaded = sum(int(b.features.shape[0]) for b in bags) + features.shape[0]
         with oom_guard(
             "loading the features of", slide_id, features.shape[0], device,
             f"Every bag of the fold is kept on the device ({loaded} tiles so far, "
-            f"{features.shape[1]}-d): set train.device: cpu, or free the GPU",
+            f"{features.shape[1]}-d): lower train.memory_budget (for example 0) to stream the bags "
+            "from disk instead, or set train.device: cpu, or free the GPU",
         ):
             features_t = torch.from_numpy(features).to(device)
         bags.append(Bag(slide_id, label, features_t, torch.tensor(label, device=device), truth))
@@ -259,20 +229,38 @@ def load_fold(
     device: torch.device,
     dtype: torch.dtype | None = None,
     tile_truth: Mapping[str, np.ndarray] | None = None,
+    memory_budget: float | str = "auto",
 ) -> FoldData:
-    """All bags of one fold in memory on ``device`` (features are small; no per-epoch I/O)."""
+    """The bags of one fold on ``device``: in memory when the fold's features fit
+    ``memory_budget`` (no per-epoch I/O), else streamed from their stores (bounded memory).
+
+    Both give the same results; :func:`~wsi_asmil.bag_source.choose_source` says which and why,
+    from the stores' metadata alone.
+    """
     classes, labels, parts = load_split(split, fold)
-    bags: dict[str, list[Bag]] = {}
+    dtype = feature_dtype(device) if dtype is None else dtype
+    check_dtype(dtype)
+    entries: dict[str, list[SlideEntry]] = {}
     skipped: list[str] = []
     for part, ids in parts.items():
-        bags[part], part_skipped = load_bags(features_dir, ids, labels, classes, device, dtype, tile_truth)
+        entries[part], part_skipped = scan_slides(features_dir, ids, labels, classes)
         skipped += [s for s in part_skipped if s not in skipped]
-    if not bags["train"]:
+    if not entries["train"]:
         raise ValueError(f"fold {fold} has no non-empty training slide")
-    dims = {b.features.shape[1] for group in bags.values() for b in group}
+    dims = {e.dim for group in entries.values() for e in group}
     if len(dims) != 1:
         raise ValueError(f"feature dimensions differ between slides: {sorted(dims)}")
-    return FoldData(classes, bags, skipped, dims.pop())
+    source = choose_source([e for group in entries.values() for e in group], device, dtype, memory_budget)
+    logger.info("fold %d: features %s: %s", fold, "in memory" if source["mode"] == "memory" else "streamed from disk",
+                source["reason"])
+    bags: dict[str, Sequence[Bag] | BagSource] = {}
+    for part, group in entries.items():
+        if source["mode"] == "stream":
+            bags[part] = StreamingBags(group, device, dtype, tile_truth)
+            continue
+        ids = [e.slide_id for e in group]
+        bags[part] = InMemoryBags(load_bags(features_dir, ids, labels, classes, device, dtype, tile_truth)[0], group)
+    return FoldData(classes, bags, skipped, dims.pop(), source)
 
 
 # --- optimisation ----------------------------------------------------------------------------------
@@ -349,7 +337,11 @@ def build_trainer(
     seed_everything(int(params["seed"]))
     model = build_model(model_name, data.in_dim, len(data.classes), **arch_kwargs).to(device)
     if params["standardize"]:
-        model.input_norm.fit([b.features for b in data.bags["train"]])
+        train = data.bags["train"]
+        if isinstance(train, BagSource):  # from the stores, with dask: never the whole fold at once
+            model.input_norm.fit_sums(*feature_sums(train.entries))
+        else:
+            model.input_norm.fit([b.features for b in train])
     anchor, loss_fn = None, MILLoss()
     if model_spec(model_name).anchored and float(anchor_cfg["beta"]) > 0:
         momentum = anchor_momentum(anchor_cfg, len(data.bags["train"]))
@@ -377,7 +369,7 @@ LOSS_KEYS = ("loss", "ce", "as", "aux")
 
 def train_one_epoch(
     trainer: Trainer,
-    bags: Sequence[Bag],
+    bags: Sequence[Bag] | BagSource,
     desc: str = "train",
     step_losses: list[float] | None = None,
 ) -> dict[str, float]:
@@ -387,14 +379,16 @@ def train_one_epoch(
     the host once, at the end of the epoch, so on a GPU the host never waits inside a step and
     queues the next steps while the current one runs. They are summed on the host in step order in
     double precision, as ``float()`` per step did, so the means are bit for bit what they were.
-    ``step_losses``, when given, receives each step's total loss.
+    ``step_losses``, when given, receives each step's total loss. ``bags`` may stream from disk
+    (:class:`~wsi_asmil.bag_source.StreamingBags`): the order is drawn first, as before, so the
+    random numbers drawn are the same and so are the results.
     """
     t = trainer
     t.model.train()
     max_tiles = t.params["max_tiles"]
     per_step: list[torch.Tensor] = []
-    for i in tqdm(t.rng.permutation(len(bags)), desc=desc, leave=False, disable=None):
-        bag = bags[i]
+    order = t.rng.permutation(len(bags))
+    for bag in tqdm(ordered(bags, order), desc=desc, total=len(order), leave=False, disable=None):
         x = bag.features
         if max_tiles and x.shape[0] > max_tiles:
             # Drawn on the host from the trainer's numpy generator (reproducible on every device).
@@ -443,6 +437,7 @@ class EvalResult:
     attention: dict[str, np.ndarray]
     maps: dict[str, np.ndarray]
     summaries: dict[str, dict[str, float]]
+    n_positive: dict[str, int | None]
 
     def metrics(self) -> dict[str, float]:
         return {"loss": self.loss, **classification_metrics(self.labels, self.probs)}
@@ -459,7 +454,7 @@ def mean_summaries(summaries: Mapping[str, Mapping[str, float]]) -> dict[str, fl
 
 @torch.no_grad()
 def evaluate(
-    model: MILModel, bags: Sequence[Bag], n_classes: int, autocast: AutocastFactory
+    model: MILModel, bags: Sequence[Bag] | BagSource, n_classes: int, autocast: AutocastFactory
 ) -> EvalResult:
     """Eval-mode probabilities, mean slide CE, and each slide's attention maps and their summary.
 
@@ -468,7 +463,11 @@ def evaluate(
     """
     model.eval()
     losses, probs, maps, logits_all = [], [], [], []
-    for bag in bags:
+    ids, labels, truths = [], [], []
+    for bag in ordered(bags, range(len(bags))):  # each bag read once, when bags stream
+        ids.append(bag.slide_id)
+        labels.append(bag.label)
+        truths.append(bag.truth)
         with oom_guard("evaluating", bag.slide_id, int(bag.features.shape[0]), bag.features.device, _EVAL_ADVICE):
             with autocast():
                 out = model(bag.features.float())
@@ -488,22 +487,23 @@ def evaluate(
         sizes = [int(w.shape[1]) for w in maps]
         host_maps = torch.cat(maps, dim=1).cpu().split(sizes, dim=1)
         host_logits = torch.cat(logits_all, dim=1).cpu().split(sizes, dim=1)
-        for bag, w, z in zip(bags, host_maps, host_logits):
-            per_map[bag.slide_id] = w.numpy()
-            attention[bag.slide_id] = w.mean(dim=0).numpy()
-            summaries[bag.slide_id] = attention_summary(w.numpy(), z.numpy(), bag.truth)
+        for slide_id, truth, w, z in zip(ids, truths, host_maps, host_logits):
+            per_map[slide_id] = w.numpy()
+            attention[slide_id] = w.mean(dim=0).numpy()
+            summaries[slide_id] = attention_summary(w.numpy(), z.numpy(), truth)
     return EvalResult(
-        slide_ids=[b.slide_id for b in bags],
-        labels=np.array([b.label for b in bags], dtype=np.int64),
+        slide_ids=ids,
+        labels=np.array(labels, dtype=np.int64),
         probs=probs_h,
         loss=loss,
         attention=attention,
         maps=per_map,
         summaries=summaries,
+        n_positive={s: None if t is None else int(t.sum()) for s, t in zip(ids, truths)},
     )
 
 
-def gradient_split(trainer: Trainer, bags: Sequence[Bag]) -> dict[str, float]:
+def gradient_split(trainer: Trainer, bags: Sequence[Bag] | BagSource) -> dict[str, float]:
     """How much the anchor pulls: ||grad beta L_AS|| / ||grad CE|| over the model's parameters,
     and the anchor target's effective tile fraction, on up to ``GRADIENT_PROBE_BAGS`` training
     bags in eval mode (no dropout, every token: no random numbers drawn, so training is unchanged).
@@ -517,7 +517,7 @@ def gradient_split(trainer: Trainer, bags: Sequence[Bag]) -> dict[str, float]:
     params = [p for p in model.parameters() if p.requires_grad]
     ratios, fractions = [], []
     model.eval()
-    for bag in bags[:GRADIENT_PROBE_BAGS]:
+    for bag in ordered(bags, range(min(GRADIENT_PROBE_BAGS, len(bags)))):
         x = bag.features.float()
         out = model(x)
         anchor_logits = trainer.anchor.attention_logits(x)
@@ -541,7 +541,11 @@ def selection_score(val: Mapping[str, float]) -> float:
 
 @dataclass
 class Snapshot:
-    """Everything reported about one epoch, so the selected epoch needs no re-evaluation."""
+    """Everything reported about one epoch, so the selected epoch needs no re-evaluation.
+
+    Without the per-map attention (``EvalResult.maps``): only the next epoch's instability needs
+    it, and kept here it would hold R maps per val and test slide twice more for the whole run.
+    """
 
     epoch: int
     state: dict[str, torch.Tensor]
@@ -602,7 +606,7 @@ def run_epochs(trainer: Trainer, data: FoldData, label: str) -> RunResult:
         is_best = bool(data.bags["val"]) and (best is None or score > best.score)
         if is_best or epoch == epochs:
             state = {k: v.detach().cpu().clone() for k, v in trainer.model.state_dict().items()}
-            snapshot = Snapshot(epoch, state, val, test, score)
+            snapshot = Snapshot(epoch, state, replace(val, maps={}), replace(test, maps={}), score)
             best = snapshot if is_best else best
     if best is None:
         logger.warning("%s: no validation slides, selecting the last epoch", label)
@@ -672,14 +676,13 @@ def instability_summary(history: pd.DataFrame, peak_lr: float) -> dict[str, floa
 
 def attention_frame(result: EvalResult, data: FoldData) -> pd.DataFrame:
     """One row per test slide at the selected epoch: its attention summary, tiles and positives."""
-    truth = {b.slide_id: b.truth for b in data.bags["test"]}
     rows = []
     for slide_id, label in zip(result.slide_ids, result.labels):
-        positives = truth.get(slide_id)
+        positives = result.n_positive.get(slide_id)
         rows.append({
             "slide_id": slide_id, "label": data.classes[label],
             "n_tiles": len(result.attention[slide_id]),
-            "n_positive": math.nan if positives is None else int(positives.sum()),
+            "n_positive": math.nan if positives is None else positives,
             **result.summaries[slide_id],
         })
     return pd.DataFrame(rows)
@@ -728,6 +731,8 @@ def write_outputs(
         "attention": {**test_attention, "practically_uniform": uniform},
         "anchor": dict(anchor or {}),
         "skipped_empty_slides": data.skipped,
+        # how the features were held, not the bytes "auto" found free: those vary run to run (the log has them)
+        "features_source": {k: v for k, v in (data.source or {}).items() if k in ("mode", "budget", "feature_bytes")},
     }
     write_json(out / "metrics.json", metrics)
     plot_curves(history, run.best.epoch, out / "curves.png", f"{model_name} fold {fold}")
@@ -753,7 +758,7 @@ def train_fold(
     model_spec(model_name)
     resolved = resolve_params(params)
     dev = resolve_device(device)
-    data = load_fold(features_dir, split, fold, dev, tile_truth=tile_truth)
+    data = load_fold(features_dir, split, fold, dev, tile_truth=tile_truth, memory_budget=resolved["memory_budget"])
     logger.info(
         "fold %d, %s on %s: %d train, %d val, %d test slides (%d empty skipped)",
         fold, model_name, dev, *(len(data.bags[p]) for p in SPLIT_PARTS), len(data.skipped),
@@ -802,16 +807,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--params", default="{}", help="training params: JSON file or string")
     parser.add_argument("--out-dir", required=True)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument(
+        "--memory-budget", help="train.memory_budget, overriding --params (speed only: auto, bytes, '8GiB')"
+    )
     args = parser.parse_args(argv)
     setup_logging()
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     with logging_redirect_tqdm():
         try:
-            train_fold(
-                args.features_dir, args.split, args.fold, args.model, _parse_params(args.params),
-                args.out_dir, args.device,
-            )
+            params = _parse_params(args.params)
+            if args.memory_budget is not None:
+                params["memory_budget"] = args.memory_budget
+            train_fold(args.features_dir, args.split, args.fold, args.model, params, args.out_dir, args.device)
         except BagMemoryError as exc:  # the message says what to change; no CUDA traceback
             logger.error("%s", exc)
             raise SystemExit(1) from None

@@ -43,7 +43,12 @@ def mpp_options(slide_id: str | None, overrides: Mapping[str, float], fallback: 
     return shlex.join(args)
 
 
-def train_params(train: Mapping[str, Any], model: str, skip: Collection[str] = ("models", "device", "threads")) -> str:
+#: Train keys that are not training parameters: the model list, and settings that change where or how
+#: fast training runs, never its results (their own options, so editing them re-runs nothing).
+NOT_TRAIN_PARAMS = ("models", "device", "threads", "memory_budget")
+
+
+def train_params(train: Mapping[str, Any], model: str, skip: Collection[str] = NOT_TRAIN_PARAMS) -> str:
     """The train section for one model's jobs, as the JSON ``wsi_asmil.train --params`` reads.
 
     Only that model's own section is kept (the per-model sections are the section's mappings), so

@@ -54,4 +54,5 @@ rule train:
     shell:
         "OMP_NUM_THREADS={threads} {PY} -m wsi_asmil.train --features-dir {params.features_dir:q}"
         " --split {input.split:q} --fold {wildcards.fold} --model {wildcards.model}"
-        " --params {params.train:q} --device {params.device:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"
+        " --params {params.train:q} --device {params.device:q} --out-dir {params.out_dir:q}"
+        " --memory-budget {config[train][memory_budget]:q} > {log:q} 2>&1"

@@ -29,8 +29,16 @@ class FeatureNorm(nn.Module):
             raise ValueError("cannot standardise features: no training tiles")
         s = sum(b.double().sum(0) for b in bags)
         ss = sum(b.double().pow(2).sum(0) for b in bags)
-        mean = s / total
-        var = (ss / total - mean.pow(2)).clamp_min(0)
+        self.fit_sums(s, ss, total)
+
+    @torch.no_grad()
+    def fit_sums(self, s: torch.Tensor, ss: torch.Tensor, total: int) -> None:
+        """Statistics from float64 per-dimension sums ``s`` and sums of squares ``ss`` of ``total``
+        tiles: what :meth:`fit` computes, for statistics gathered elsewhere (out of core)."""
+        if total == 0:
+            raise ValueError("cannot standardise features: no training tiles")
+        mean = s.to(self.mean.device, torch.float64) / total
+        var = (ss.to(self.mean.device, torch.float64) / total - mean.pow(2)).clamp_min(0)
         self.mean.copy_(mean.to(self.mean.dtype))
         self.std.copy_(var.sqrt().clamp_min(self.eps).to(self.std.dtype))
 
