@@ -56,9 +56,6 @@ log = logging.getLogger(__name__)
 #: CPU embedding dominates and smaller batches keep more jobs in parallel on a cluster.
 AUTO_SLIDES_PER_JOB = {"gpu": 32, "cpu": 8}
 
-#: Attrs of a tiles store that say when it was made, not what it holds.
-_TILES_PROVENANCE = ("created", "wsi_asmil_version", "run_id", "host")
-
 
 def slides_per_job(setting: int | str, device: str) -> int:
     """``features.slides_per_job`` as a number: ``auto`` picks by ``features.device``."""
@@ -161,10 +158,11 @@ def request_key(member: Member, settings: dict[str, Any]) -> str:
     change (what Snakemake itself compares), so re-tiling with equal results costs nothing.
     """
     coords, _, tile_attrs = store.read_tiles(member.tiles)
+    made = set(store.provenance())  # when, where and by which run the tiles were made: not what they are
     h = hashlib.sha256(np.ascontiguousarray(coords, dtype=np.int64).tobytes())
     stat = os.stat(member.slide)
     described = {
-        "tiles": {k: v for k, v in tile_attrs.items() if k not in _TILES_PROVENANCE},
+        "tiles": {k: v for k, v in tile_attrs.items() if k not in made},
         "slide": [member.slide_id, stat.st_size, stat.st_mtime_ns],
         "slide_mpp": member.slide_mpp,
         "settings": settings,
@@ -222,11 +220,11 @@ def run_batch(members: Sequence[Member], args: argparse.Namespace) -> dict[str, 
 
 
 def _embed_members(todo: Sequence[tuple[Member, str]], args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    started = time.perf_counter()
     from wsi_asmil import features  # imports torch: only when there is work
 
-    started = time.perf_counter()
     encoder, embedder, batch_size, num_workers = features.start_job(args)
-    log.info("job start (torch, encoder, device) took %.2f s", time.perf_counter() - started)
+    log.info("job start (torch import, encoder, device) took %.2f s", time.perf_counter() - started)
     out: dict[str, dict[str, Any]] = {}
     for m, key in todo:
         t0 = time.perf_counter()
