@@ -9,11 +9,12 @@ Snakemake is a small JSON marker per batch, never the stores themselves: Snakema
 outputs before it reruns the job, which would throw away the finished stores of a batch rerun for
 one new slide.
 
-Reruns stay precise without Snakemake's help. Every store records a *request key*: a hash of all
-that determines its rows (the tiles store's content, the slide file, the encoder and the identity
-of its weights, device, precision, reader, mpp settings, package version). A batch job first
-compares each member's store with its key, without importing torch; members whose store matches
-are left alone, and a job with nothing left to do ends there. A stale store is removed before it
+Reruns stay precise without Snakemake's help. Every store records a *request key* (attr
+``request``; the marker lists it as each member's fingerprint): a hash of all that determines its
+rows (the tiles store's content, the slide file, the encoder and the identity of its weights,
+device, precision, reader, mpp settings, package version). A batch job first compares each
+member's store with its key, without importing torch; members whose store matches are left alone,
+and a job with nothing left to do ends there. A stale store is removed before it
 is recomputed, so no consumer reads features of old settings.
 
 Batch membership depends only on the slide's own id and on the number of batches, a power of two
@@ -47,7 +48,7 @@ import numpy as np
 from wsi_asmil import __version__, store
 from wsi_asmil.cli import add_feature_args, optional_float, setup_logging
 from wsi_asmil.io import sha256_of, write_json
-from wsi_asmil.packaged_weights import PYPI_IMAGENET, packaged_weights_id
+from wsi_asmil.packaged_weights import PYPI_IMAGENET, WeightsError, packaged_weights_id
 
 log = logging.getLogger(__name__)
 
@@ -264,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         members = parse_members(args.members)
         status = run_batch(members, args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, WeightsError) as exc:  # the batch as a whole: arguments, weights
         log.error("%s", exc)
         raise SystemExit(1) from None
     failed = {sid: r for sid, r in status.items() if r["status"] == "failed"}
