@@ -27,6 +27,7 @@ def feature_markers(ids):
 
 
 def fallback_args(wildcards=None):
+    """The config's mpp fallback for a batch job (per-slide overrides travel in its members)."""
     return "" if config["mpp_fallback"] is None else shlex.join(["--mpp-fallback", str(config["mpp_fallback"])])
 
 
