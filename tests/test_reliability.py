@@ -585,7 +585,6 @@ DISK_FULL_SCRIPT = textwrap.dedent(
     from pathlib import Path
     from wsi_asmil import store
     from wsi_asmil.encoders import build_encoder
-from wsi_asmil.feature_batch import assign_batches, slides_per_job
     from wsi_asmil.features import extract_slide
     slide, tiles, mnt = sys.argv[1:4]
     out = Path(mnt) / "f.zarr"
