@@ -49,6 +49,7 @@ from conftest import CONFIG_FEATURES, physical_pattern, write_generic_tiff
 from wsi_asmil import store
 from wsi_asmil.cohort import LabelTableError, check_split_feasible, match_cohort
 from wsi_asmil.encoders import build_encoder
+from wsi_asmil.feature_batch import assign_batches, slides_per_job
 from wsi_asmil.features import Embedder, FeatureExtractionError, extract_slide
 from wsi_asmil.inventory import probe_slide
 from wsi_asmil.io import write_text
@@ -147,6 +148,15 @@ def snakemake(wd: Path, config: dict, *args: str, env: dict | None = None, check
 def cohort_config(tmp: Path, slides: Path, labels: Path, **extra: object) -> dict:
     return {**json.loads(json.dumps(E2E_CONFIG)), "slides_dir": str(slides), "labels": str(labels),
             "out_dir": str(tmp / "out"), **extra}
+
+
+def feature_markers(out: Path, slides: Path, ids: list[str], config: dict = E2E_CONFIG) -> list[str]:
+    """The batch markers that stand for the feature stores of ``ids`` (the stores themselves are
+    not Snakemake outputs; see wsi_asmil.feature_batch): the targets that build them."""
+    per_job = slides_per_job(config["features"].get("slides_per_job", "auto"), config["features"]["device"])
+    batches = assign_batches(discover_slides(slides)[0], per_job)
+    return sorted(str(out / "features" / TILING / WORKFLOW_ENCODER / "batches" / f"{b}.json")
+                  for b, members in batches.items() if set(members) & set(ids))
 
 
 def train_targets(out: Path, model: str = "abmil", folds: int = 2) -> list[str]:
@@ -631,12 +641,14 @@ def test_hostile_slide_id_through_snakemake(tmp_path: Path) -> None:
     pd.DataFrame({"slide_id": [HOSTILE], "label": [""]}).to_csv(labels, index=False)
     wd = workdir(tmp_path)
     config = cohort_config(tmp_path, slides, labels)
-    target = tmp_path / "out" / "features" / TILING / WORKFLOW_ENCODER / f"{HOSTILE}.zarr"
-    snakemake(wd, config, str(target))
-    feats, coords, attrs = store.read_features(target)
+    [marker] = feature_markers(tmp_path / "out", slides, [HOSTILE])
+    snakemake(wd, config, marker)
+    feats, coords, attrs = store.read_features(tmp_path / "out" / "features" / TILING / WORKFLOW_ENCODER / f"{HOSTILE}.zarr")
     assert attrs["slide_id"] == HOSTILE and len(coords) > 0
+    assert json.loads(Path(marker).read_text())["members"][HOSTILE]["status"] == "done"
     assert (tmp_path / "out" / "segment" / HOSTILE / "mask.png").exists()
-    assert (tmp_path / "out" / "logs" / "features" / TILING / WORKFLOW_ENCODER / f"{HOSTILE}.log").exists()
+    batch = Path(marker).stem
+    assert HOSTILE in (tmp_path / "out" / "logs" / "features" / TILING / WORKFLOW_ENCODER / f"batch-{batch}.log").read_text()
     for where in (wd, tmp_path, REPO, slides):
         assert not list(where.glob("PWNED*")), where
 
@@ -807,7 +819,7 @@ def bad_cohort_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     config = cohort_config(tmp, slides, labels)
     out = tmp / "out"
     usable = [*HOSTILE_IDS, "corrupt tile", "blank glass", "mpp in table", "unlabeled extra"]
-    targets = [str(out / "features" / TILING / WORKFLOW_ENCODER / f"{s}.zarr") for s in usable]
+    targets = feature_markers(out, slides, usable)
     targets += [*train_targets(out), str(out / "report" / "metrics.json")]
     start = time.monotonic()
     proc = snakemake(wd, config, *targets)
@@ -845,7 +857,8 @@ def test_bad_cohort_stores_are_consistent_and_corrupt_tiles_counted(bad_cohort_r
         assert attrs["slide_id"] == sid
         failed[sid] = attrs["n_failed_tiles"]
     assert failed["corrupt tile"] > 0 and sum(failed.values()) == failed["corrupt tile"]
-    assert "could not be decoded" in (out / "logs" / "features" / TILING / WORKFLOW_ENCODER / "corrupt tile.log").read_text()
+    logs = "".join(p.read_text() for p in (out / "logs" / "features" / TILING / WORKFLOW_ENCODER).glob("batch-*.log"))
+    assert "slide 'corrupt tile'" in logs and "could not be decoded" in logs
 
 
 @pytest.mark.slow
@@ -909,18 +922,21 @@ def test_sigkill_workflow_in_tiling_features_and_training_then_rerun_equals_unin
     labels.write_text("slide_id,label\n" + "".join(f"{s},{['normal', 'tumour'][i % 2 == 0]}\n" for i, s in enumerate(ids)))
     wd = workdir(tmp_path)
     config = cohort_config(tmp_path, slides, labels)
+    # one slide per features job but s0 and s1, which share a batch (wsi_asmil.feature_batch)
+    config["features"]["slides_per_job"] = 1
     out = Path(config["out_dir"])
     targets = [*train_targets(out), str(out / "report" / "metrics.json")]
     start = time.monotonic()
 
     # 1. SIGKILL the tiling job of s1 (store complete under its temporary name) and the features job
-    #    of s2 (half its rows written). Snakemake survives, records both failures, and keeps going.
+    #    of s2 (half its rows written). Snakemake survives, records both failures, and keeps going:
+    #    s3's features are written; s0's wait for its batch-mate s1's tiles.
     first = snakemake(wd, config, *targets, check=False, env=hook_env(
         WSI_ASMIL_KILL_BEFORE_RENAME=f"/{TILING}/s1.zarr", WSI_ASMIL_KILL_AFTER_ROWS="s2.zarr:4"))
     assert first.returncode != 0
     assert not (out / "tiles" / TILING / "s1.zarr").exists()
     assert not (out / "features" / TILING / WORKFLOW_ENCODER / "s2.zarr").exists()
-    assert (out / "features" / TILING / WORKFLOW_ENCODER / "s0.zarr").exists()  # the others finished
+    assert (out / "features" / TILING / WORKFLOW_ENCODER / "s3.zarr").exists()  # the others finished
     assert not (out / "models").exists()
 
     # 2. Rerun; SIGKILL Snakemake and every job (the machine dies) once fold 1's model.pt is in place

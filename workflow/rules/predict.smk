@@ -49,6 +49,23 @@ def predict_store(slide_id):
     return expand(PRED_FEATURES if slide_id in PREDICT_FOLDER else FEATURES, slide=slide_id)[0]
 
 
+PRED_FEATURE_MARKER = f"{PREDICT_OUT}/features/{TILING}/{ENCODER}/batches/{{batch}}.json"
+# The folder's slides are batched among themselves (features.smk batches the cohort's).
+PRED_BATCH_OF = {s: b for b, ids in assign_batches(PREDICT_FOLDER, SLIDES_PER_JOB).items() for s in ids}
+
+
+def predict_markers(ids):
+    """The batch markers of the feature stores of new slides ``ids`` (cohort or folder)."""
+    folder = {expand(PRED_FEATURE_MARKER, batch=PRED_BATCH_OF[s])[0] for s in ids if s in PREDICT_FOLDER}
+    return sorted(folder) + feature_markers([s for s in ids if s not in PREDICT_FOLDER])
+
+
+def predict_batch(wildcards):
+    """The folder's usable slides of a batch (after the folder's inventory has run)."""
+    ok = _usable_ids(checkpoints.predict_inventory.get().output[0])
+    return [s for s, b in PRED_BATCH_OF.items() if b == wildcards.batch and s in ok]
+
+
 def predict_mpp_args(wildcards):
     """A folder's slides have no label table: only the config fallback applies to them."""
     if wildcards.slide not in PREDICT_FOLDER:
@@ -127,25 +144,30 @@ if PREDICT_FOLDER:
 
     use rule features as predict_features with:
         input:
-            slide=predict_slide,
-            tiles=rules.predict_tile.output.store,
+            slides=lambda wc: [PREDICT_FOLDER[s] for s in predict_batch(wc)],
+            tiles=lambda wc: expand(PRED_TILES, slide=predict_batch(wc)),
         output:
-            store=directory(PRED_FEATURES),
+            marker=PRED_FEATURE_MARKER,
         params:
-            mpp=predict_mpp_args,
+            # A folder's slides have no label table: no per-slide mpp, only the config fallback.
+            members=lambda wc: members_json(
+                predict_batch(wc), PREDICT_FOLDER.get, lambda s: expand(PRED_TILES, slide=s)[0],
+                lambda s: expand(PRED_FEATURES, slide=s)[0], {},
+            ),
         log:
-            f"{OUT}/logs/predict/features/{TILING}/{ENCODER}/{{slide}}.log",
+            f"{OUT}/logs/predict/features/{TILING}/{ENCODER}/batch-{{batch}}.log",
         benchmark:
-            f"{OUT}/benchmarks/predict/features/{TILING}/{ENCODER}/{{slide}}.tsv"
+            f"{OUT}/benchmarks/predict/features/{TILING}/{ENCODER}/batch-{{batch}}.tsv"
 
 
 rule predict_attention:
     input:
-        features=lambda wc: [predict_store(s) for s in predict_ids()],
+        features=lambda wc: predict_markers(predict_ids()),
         models=fold_checkpoints,
     output:
         directory(PRED_SCORES),
     params:
+        stores=lambda wc: [predict_store(s) for s in predict_ids()],
         models_dir=lambda wc: LAYOUT.models(wc.model),
         fold=str(PREDICT["fold"]),
         folds=len(FOLDS),
@@ -160,7 +182,7 @@ rule predict_attention:
     benchmark:
         f"{OUT}/benchmarks/predict/attention/{{model}}.tsv"
     shell:
-        "OMP_NUM_THREADS={threads} {PY} -m wsi_asmil.scoring --features {input.features:q}"
+        "OMP_NUM_THREADS={threads} {PY} -m wsi_asmil.scoring --features {params.stores:q}"
         " --models-dir {params.models_dir:q} --model-name {wildcards.model} --folds {params.folds}"
         " --fold {params.fold} --device {config[heatmap][device]} --out-dir {output:q} > {log:q} 2>&1"
 

@@ -27,7 +27,7 @@ def train_params_json(wildcards):
 
 rule train:
     input:
-        features=lambda wc: expand(FEATURES, slide=usable(TRAIN_IDS)),
+        features=lambda wc: feature_markers(usable(TRAIN_IDS)),
         split=SPLIT,
     output:
         model=f"{MODEL_DIR}/model.pt",
