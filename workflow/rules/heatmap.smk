@@ -3,6 +3,9 @@
 # one drawing job per model x slide (no torch); one colour bar; ground truth rasterised once per
 # slide; localisation metrics per model. Each job's params hold only the config it reads, so a
 # colour-map edit re-draws and re-reports, and a threshold edit only re-scores localisation.
+# With heatmap.overlap above tiling.overlap the drawn slides are also tiled on that denser grid,
+# embedded by the features rule's own command and scored by the same fold models: the drawing
+# averages the overlapping scores per pixel. Localisation stays on the training grid's scores.
 from wsi_asmil.annotations import find_annotation
 
 HEATMAP = config["heatmap"]
@@ -29,6 +32,17 @@ def check_fold(key, fold):
 
 check_models("heatmap.models", HEATMAP_MODELS)
 check_fold("heatmap.fold", HEATMAP["fold"])
+
+if 0 < HEATMAP["overlap"] < config["tiling"]["overlap"]:
+    raise ValueError(
+        f"config key 'heatmap.overlap': {HEATMAP['overlap']} is sparser than tiling.overlap "
+        f"{config['tiling']['overlap']}; use 0 (draw the training grid) or a value above it"
+    )
+DENSE = HEATMAP["overlap"] > config["tiling"]["overlap"]
+DENSE_TILING = TileParams(**{**config["tiling"], "overlap": HEATMAP["overlap"]}).tag()
+DENSE_TILES = f"{OUT}/tiles/{DENSE_TILING}/{{slide}}.zarr"
+DENSE_FEATURES = f"{OUT}/features/{DENSE_TILING}/{ENCODER}/{{slide}}.zarr"
+DENSE_SCORES_DIR = f"{OUT}/heatmaps/{{model}}/scores_{DENSE_TILING}"
 
 # Ground truth: per-slide files in localisation.annotations, else the demo's exact masks.
 if LOCALISATION["annotations"] is not None:
@@ -123,10 +137,50 @@ rule attention:
         " --out-dir {output:q} > {log:q} 2>&1"
 
 
+if DENSE:
+
+    use rule tile as heatmap_tile with:
+        output:
+            store=directory(DENSE_TILES),
+            qc=f"{OUT}/tiles/{DENSE_TILING}/{{slide}}_grid.png",
+        params:
+            seg_dir=lambda wc: f"{OUT}/segment/{wc.slide}",
+            args=lambda wc: f'{cli_args("tiling", exclude=("overlap",))} --overlap {HEATMAP["overlap"]}',
+            mpp=mpp_args,
+            version=VERSION,
+        log:
+            f"{OUT}/logs/tile/{DENSE_TILING}/{{slide}}.log",
+        benchmark:
+            f"{OUT}/benchmarks/tile/{DENSE_TILING}/{{slide}}.tsv"
+
+    use rule features as heatmap_features with:
+        input:
+            slide=slide_path,
+            tiles=DENSE_TILES,
+        output:
+            store=directory(DENSE_FEATURES),
+        log:
+            f"{OUT}/logs/features/{DENSE_TILING}/{ENCODER}/{{slide}}.log",
+        benchmark:
+            f"{OUT}/benchmarks/features/{DENSE_TILING}/{ENCODER}/{{slide}}.tsv"
+
+    use rule attention as heatmap_attention with:
+        input:
+            features=lambda wc: expand(DENSE_FEATURES, slide=usable(TRAIN_IDS)),
+            split=SPLIT,
+            models=expand(f"{OUT}/models/{{{{model}}}}/fold{{fold}}/model.pt", fold=FOLDS),
+        output:
+            directory(DENSE_SCORES_DIR),
+        log:
+            f"{OUT}/logs/attention/{DENSE_TILING}/{{model}}.log",
+        benchmark:
+            f"{OUT}/benchmarks/attention/{DENSE_TILING}/{{model}}.tsv"
+
+
 rule heatmap:
     input:
         slide=slide_path,
-        scores=SCORES_DIR,
+        scores=DENSE_SCORES_DIR if DENSE else SCORES_DIR,
         mask=rules.segment.output.mask if HEATMAP["clip_to_tissue"] else [],
         meta=rules.segment.output.meta if HEATMAP["clip_to_tissue"] else [],
     output:
