@@ -67,9 +67,11 @@ from wsi_asmil.tile_geojson import OBJECT_TYPES, write_tile_geojson
 log = logging.getLogger(__name__)
 
 NORMALIZE_MODES = ("rank", "uniform")
-#: Output pixels painted at a time: the heat's working arrays (about 30 bytes a pixel: counts,
-#: sums, means, masks) stay near 130 MB whatever the overlay's size; the image itself is 3 bytes a pixel.
-BAND_PIXELS = 1 << 22
+#: Output pixels painted at a time. A band's working arrays (counts, sums, means, masks and the
+#: blend's float copies) cost about 70 bytes a pixel, so a CAMELYON-sized canvas at 4 um/px with
+#: 158k dense tiles peaks near 150 MiB beside the image instead of 1.4 GiB in one pass
+#: (benchmarks/heatmap_bands.py); the image itself is 3 bytes a pixel.
+BAND_PIXELS = 1 << 20
 
 
 class HeatmapMemoryError(RuntimeError):
