@@ -234,7 +234,7 @@ def test_nothing_to_do_after_a_run(finished_run: tuple[Path, dict]) -> None:
         ({"train": {"abmil": {"hidden": 64}}}, {"train": 2, "report": 1, "attention": 1, "localisation": 1,
                                                 "predict_attention": 1, "predict_heatmap": 1, "predict": 1}),
         # Drawing settings re-draw (and re-report: the page embeds heatmaps), never re-score.
-        ({"heatmap": {"cmap": "viridis"}}, {"heatmap": 8, "heatmap_legend": 1, "predict_heatmap": 2, "report": 1}),
+        ({"heatmap": {"cmap": "magma"}}, {"heatmap": 8, "heatmap_legend": 1, "predict_heatmap": 2, "report": 1}),
         ({"heatmap": {"localisation": {"threshold": "top_q"}}}, {"localisation": 2, "report": 1}),
         ({"heatmap": {"fold": "ensemble"}}, {"attention": 2, "heatmap_attention": 1, "heatmap": 8, "localisation": 2,
                                              "report": 1}),
