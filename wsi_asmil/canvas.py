@@ -144,7 +144,7 @@ def blur_halo(sigma_px: float) -> int:
 
     OpenCV's Gaussian kernel for float images reaches ``4 sigma`` (rounded up to an odd size).
     """
-    return int(math.ceil(4.0 * sigma_px)) + 1 if sigma_px > 0 else 0
+    return math.ceil(4.0 * sigma_px) + 1 if sigma_px > 0 else 0
 
 
 def heat_window(
