@@ -97,7 +97,7 @@ def test_flat_attention_renders_as_one_mid_colour_on_any_grid(overlap: float) ->
 
 
 def test_peaked_attention_spans_the_scale_and_rank_paints_any_model_red() -> None:
-    coords, extent = tiles(0.5)
+    coords, _ = tiles(0.5)
     logits = -np.linalg.norm(coords - coords.mean(axis=0), axis=1) / 40.0
     peaked = normalize(softmax_weights(logits), "uniform")
     assert peaked.max() == 1.0 and peaked.min() < 0.25
