@@ -35,6 +35,8 @@ TINY = {
 NEW_SLIDE = "new slide é"
 #: The feature folder of runs that keep config.yaml's encoder.
 FEATURES_DIR = Path("features") / "0.5mpp_224px" / CONFIG_FEATURES["encoder"]
+#: The denser tiling the drawn slides are also scored on (config.yaml's heatmap.overlap).
+DENSE_TILING = "0.5mpp_224px_ov0.5"
 
 
 def snakemake(*args: str, config: dict | None = None, tmp: Path, check: bool = True) -> subprocess.CompletedProcess:
@@ -92,6 +94,7 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
         ({"heatmap": {"fold": "best"}}, "fold"),
         ({"heatmap": {"localisation": {"threshold": "median"}}}, "threshold"),
         ({"heatmap": {"models": ["abmil_anchor"]}}, "heatmap.models"),
+        ({"tiling": {"overlap": 0.5}, "heatmap": {"overlap": 0.25}}, "heatmap.overlap"),
         ({"predict": {"bogus": 1}}, "bogus"),
         ({"features": {"batch_size": "huge"}}, "batch_size"),
         ({"features": {"num_workers": -1}}, "num_workers"),
@@ -137,9 +140,21 @@ def test_whole_workflow_outputs(finished_run: tuple[Path, dict]) -> None:
         for model in ("asmil", "abmil"):
             scores = pd.read_csv(out / "heatmaps" / model / "scores" / f"{sid}_scores.csv")
             assert len(scores) == len(coords) and scores["score"].sum() == pytest.approx(1.0, abs=1e-3)
+        # The drawn model's map comes from the denser grid: same encoder, same fold model.
+        dense, _, dense_attrs = store.read_tiles(out / "tiles" / DENSE_TILING / f"{sid}.zarr")
+        _, dense_fcoords, dense_feature_attrs = store.read_features(
+            out / "features" / DENSE_TILING / CONFIG_FEATURES["encoder"] / f"{sid}.zarr")
+        assert dense_attrs["overlap"] == 0.5 and len(dense) > 2 * len(coords) and np.array_equal(dense, dense_fcoords)
+        assert dense_feature_attrs["weights"] == attrs["weights"]
+        dense_scores = pd.read_csv(out / "heatmaps" / "asmil" / f"scores_{DENSE_TILING}" / f"{sid}_scores.csv")
+        assert dense_scores["score"].sum() == pytest.approx(1.0, abs=1e-3)
+        folds = [json.loads((out / "heatmaps" / "asmil" / d / f"{sid}_scores.json").read_text())["folds"]
+                 for d in ("scores", f"scores_{DENSE_TILING}")]
+        assert folds[0] == folds[1]
+        assert not (out / "heatmaps" / "abmil" / f"scores_{DENSE_TILING}").exists()  # only drawn models
         corners, _, meas = read_tile_geojson(out / "heatmaps" / "asmil" / f"{sid}.geojson")
-        assert np.array_equal(corners, coords)
-        np.testing.assert_allclose(meas["attention"], pd.read_csv(out / "heatmaps" / "asmil" / "scores" / f"{sid}_scores.csv")["score"], rtol=1e-6)
+        assert np.array_equal(corners, dense)
+        np.testing.assert_allclose(meas["attention"], dense_scores["score"], rtol=1e-6)
         assert (out / "heatmaps" / "asmil" / f"{sid}_topk.jpg").stat().st_size > 0
     assert (out / "heatmaps" / "legend.png").stat().st_size > 0
     for model in ("asmil", "abmil"):
@@ -186,8 +201,11 @@ def test_whole_workflow_outputs(finished_run: tuple[Path, dict]) -> None:
         assert any((out / "benchmarks" / rule).rglob("*.tsv"))
 
 
-#: What re-scoring every model re-runs downstream (cohort and new slides).
-SCORED = {"attention": 2, "heatmap": 8, "localisation": 2, "predict_attention": 2, "predict_heatmap": 2, "predict": 1}
+#: What re-scoring every model re-runs downstream (cohort and new slides; the drawn model's dense grid).
+SCORED = {"attention": 2, "heatmap_attention": 1, "heatmap": 8, "localisation": 2, "predict_attention": 2,
+          "predict_heatmap": 2, "predict": 1}
+#: What a new tiling or new features re-run on the drawn slides' dense grid.
+DENSE_TILE = {"heatmap_tile": 8, "heatmap_features": 8}
 
 
 def rerun_plan(finished_run: tuple[Path, dict], edit: dict) -> dict[str, int]:
@@ -203,21 +221,29 @@ def test_nothing_to_do_after_a_run(finished_run: tuple[Path, dict]) -> None:
     "edit,expected",
     [
         ({"segment": {"min_saturation": 20}}, {"segment": 8, "tile": 8, "features": 1, "train": 4, "report": 1, **SCORED,
-                                               "predict_segment": 1, "predict_tile": 1, "predict_features": 1}),
-        ({"tiling": {"tile_size": 256}}, {"tile": 8, "features": 1, "train": 4, "report": 1, **SCORED,
+                                               **DENSE_TILE, "predict_segment": 1, "predict_tile": 1,
+                                               "predict_features": 1}),
+        ({"tiling": {"tile_size": 256}}, {"tile": 8, "features": 1, "train": 4, "report": 1, **SCORED, **DENSE_TILE,
                                           "predict_tile": 1, "predict_features": 1}),
-        ({"features": {"precision": "fp32"}}, {"features": 1, "train": 4, "report": 1, **SCORED, "predict_features": 1}),
+        ({"features": {"precision": "fp32"}}, {"features": 1, "heatmap_features": 1, "train": 4, "report": 1, **SCORED,
+                                               "predict_features": 1}),
         ({"features": {"batch_size": 32, "num_workers": 0}}, {}),
         ({"train": {"memory_budget": "1MiB"}}, {}),
         ({"train": {"lr": 0.0002}}, {"train": 4, "report": 1, **SCORED}),
-        ({"train": {"asmil": {"beta": 0.5}}}, {"train": 2, "report": 1, "attention": 1, "heatmap": 8, "localisation": 1,
-                                               "predict_attention": 1, "predict_heatmap": 1, "predict": 1}),
+        ({"train": {"asmil": {"beta": 0.5}}}, {"train": 2, "report": 1, "attention": 1, "heatmap_attention": 1,
+                                               "heatmap": 8, "localisation": 1, "predict_attention": 1,
+                                               "predict_heatmap": 1, "predict": 1}),
         ({"train": {"abmil": {"hidden": 64}}}, {"train": 2, "report": 1, "attention": 1, "localisation": 1,
                                                 "predict_attention": 1, "predict_heatmap": 1, "predict": 1}),
         # Drawing settings re-draw (and re-report: the page embeds heatmaps), never re-score.
-        ({"heatmap": {"cmap": "viridis"}}, {"heatmap": 8, "heatmap_legend": 1, "predict_heatmap": 2, "report": 1}),
+        ({"heatmap": {"cmap": "magma"}}, {"heatmap": 8, "heatmap_legend": 1, "predict_heatmap": 2, "report": 1}),
         ({"heatmap": {"localisation": {"threshold": "top_q"}}}, {"localisation": 2, "report": 1}),
-        ({"heatmap": {"fold": "ensemble"}}, {"attention": 2, "heatmap": 8, "localisation": 2, "report": 1}),
+        ({"heatmap": {"fold": "ensemble"}}, {"attention": 2, "heatmap_attention": 1, "heatmap": 8, "localisation": 2,
+                                             "report": 1}),
+        # A denser grid for the drawn slides tiles, embeds and scores it, never the training grid;
+        # overlap 0 draws the training grid's scores again.
+        ({"heatmap": {"overlap": 0.75}}, {**DENSE_TILE, "heatmap_attention": 1, "heatmap": 8, "report": 1}),
+        ({"heatmap": {"overlap": 0.0}}, {"heatmap": 8, "report": 1}),
         ({"heatmap": {"device": "cpu"}}, {}),
         ({"predict": {"fold": 1}}, {"predict_attention": 2, "predict_heatmap": 2, "predict": 1, "report": 1}),
         # A model added trains, scores and reports alone; settings of a model not trained change nothing.
@@ -225,8 +251,9 @@ def test_nothing_to_do_after_a_run(finished_run: tuple[Path, dict]) -> None:
                                                                  "predict_attention": 1, "predict_heatmap": 1, "predict": 1}),
         ({"train": {"transmil": {"dim": 64}}}, {}),
     ],
-    ids=["segment", "tiling", "features", "speed-only", "train-speed-only", "train", "asmil-only", "abmil-only", "heatmap",
-         "localisation", "scoring-fold", "scoring-device", "predict-fold", "model-added", "untrained-model"],
+    ids=["segment", "tiling", "features", "speed-only", "train-speed-only", "train", "asmil-only", "abmil-only",
+         "heatmap", "localisation", "scoring-fold", "dense-grid", "training-grid", "scoring-device", "predict-fold",
+         "model-added", "untrained-model"],
 )
 def test_config_edit_reruns_exactly_the_affected_stages(
     finished_run: tuple[Path, dict], edit: dict, expected: dict[str, int]
@@ -248,8 +275,9 @@ def test_encoder_change_reruns_features_onwards_and_keeps_the_old_features(finis
     tmp, config = finished_run
     out = Path(config["out_dir"])
     proc = snakemake("-n", config=deep_merge(config, {"features": {"encoder": "vit_small", "weights": "random"}}), tmp=tmp)
-    # the 8 slides are one batch (features.slides_per_job: auto), the new slide another
-    assert planned_rules(proc) == {"features": 1, "train": 4, "report": 1, **SCORED, "predict_features": 1}
+    # the 8 slides are one batch (features.slides_per_job: auto), the new slide another; so are their dense tiles
+    assert planned_rules(proc) == {"features": 1, "heatmap_features": 1, "train": 4, "report": 1, **SCORED,
+                                   "predict_features": 1}
     outputs = planned_outputs(proc)
     assert str(out / "features" / "0.5mpp_224px" / "vit_small" / "batches" / "0-of-1.json") in outputs
     # the new encoder's stores go beside the old ones, which no job touches

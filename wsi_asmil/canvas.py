@@ -16,6 +16,7 @@ and two cumulative sums), which is O(tiles + pixels) instead of O(tiles x tile a
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import cv2
@@ -136,6 +137,36 @@ def smooth(values: np.ndarray, covered: np.ndarray, sigma_px: float) -> np.ndarr
     out = np.zeros_like(num)
     np.divide(num, den, out=out, where=den > 1e-6)
     return np.where(covered, out, values).astype(np.float32)
+
+
+def blur_halo(sigma_px: float) -> int:
+    """Pixels a window needs on each side so that its blur equals the whole canvas's.
+
+    OpenCV's Gaussian kernel for float images reaches ``4 sigma`` (rounded up to an odd size).
+    """
+    return math.ceil(4.0 * sigma_px) + 1 if sigma_px > 0 else 0
+
+
+def heat_window(
+    coords: np.ndarray, extent: float, values: np.ndarray, window: Grid, *, sigma_px: float = 0.0,
+    tissue: np.ndarray | None = None, tissue_downsample: float | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The heat of one window of the canvas and where it shows: (values (float32), show (bool)).
+
+    Overlapping tiles are averaged per pixel, blurred over covered pixels only (with a halo, so
+    windows rendered one by one join without seams), and shown only on covered pixels, and with
+    ``tissue`` only on tissue. Memory follows the window, so a canvas of any size can be painted
+    band by band or tile by tile.
+    """
+    halo = blur_halo(sigma_px)
+    heat, covered = mean_values(coords, extent, values, window.expanded(halo))
+    heat = smooth(heat, covered, sigma_px)
+    if halo:
+        inner = (slice(halo, halo + window.height), slice(halo, halo + window.width))
+        heat, covered = heat[inner], covered[inner]
+    if tissue is not None:
+        covered = covered & lookup_mask(tissue, float(tissue_downsample), window)
+    return heat, covered
 
 
 def lookup_mask(mask: np.ndarray, mask_downsample: float, grid: Grid) -> np.ndarray:

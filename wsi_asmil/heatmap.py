@@ -4,8 +4,11 @@ Scores come from ``wsi_asmil.scoring`` (one pass, shared with localisation and p
 module only draws, and never imports torch. For one slide and one model it writes:
 
 * ``<slide>.png``: the heat over the slide thumbnail, at ``mpp`` um/px (``max_edge`` caps the
-  longer side). Tiles are averaged where they overlap, optionally blurred (``blur_um``) and clipped
-  to the tissue mask; uncovered pixels keep the thumbnail.
+  longer side). Tiles are averaged per pixel where they overlap, optionally blurred (``blur_um``)
+  and clipped to the tissue mask; every other pixel is the thumbnail's, bit for bit. Scores of a
+  denser tiling than training's (``heatmap.overlap``) give a finer map: each pixel is the mean of
+  the (1 - overlap)^-2 tiles that cover it, so detail follows the stride, not the tile. The canvas
+  is painted in bands of rows, so the working arrays stay small whatever the resolution.
 * ``<slide>.geojson``: one QuPath tile per tile with ``attention``, ``attention_percentile`` and
   ``attention_x_M`` measurements (*Measure > Show measurement maps* colours them).
 * ``<slide>_topk.jpg``: the k highest-scoring tiles at the tiling's resolution, ranked, with their
@@ -14,18 +17,25 @@ module only draws, and never imports torch. For one slide and one model it write
   slide viewers zoom, rendered window by window (``wsi_asmil.overlay_tiff``).
 
 The canvas is the output image: memory follows the output size, never the slide's. ``--legend``
-writes the colour bar that goes with a normalisation and colour map.
+writes the colour bar that goes with a normalisation and colour map, labelled in its real units.
 
 Normalisation for display (the same for every model, so comparisons are fair):
 
-``rank``
-    percentile within the slide (CLAM's convention): every slide uses the whole colour range,
-    whatever the sharpness of the attention.
-``uniform``
+``uniform`` (the default)
     M x weight on a log scale centred on 1 (uniform attention): ``0.5 + log(M w) / (2 log R)``,
     clipped, with R = ``uniform_range``. Mid-colour is uniform attention, the top of the scale R
-    times uniform or more; comparable across slides and models, so flat and peaked attention look
-    different.
+    times uniform or more, the bottom 1/R or less. It shows how concentrated the attention is: a
+    flat model renders as one mid colour, and the scale means the same on every slide and model.
+    M x w stays comparable on a denser tiling (a softmax over more tiles: M grows, w shrinks).
+``rank``
+    percentile within the slide (CLAM's convention): every slide uses the whole colour range,
+    whatever the sharpness of the attention, so the top quarter of any slide is the top quarter
+    of the colours even when the model barely prefers it.
+
+The default colour map, viridis, is perceptually uniform (equal steps of value look like equal
+steps of colour, and it stays ordered in grey and for colour-blind readers). Over H&E its blue to
+green to yellow runs against the stain's pink and purple, and its darkest end is a blue-violet
+rather than black, so low attention at ``alpha`` 0.5 still shows the tissue beneath.
 
 A slide's outputs are one result: if drawing fails, the outputs this call already wrote are removed.
 Out of memory (host memory: the canvas, the thumbnail, the TIFF's windows) becomes
@@ -47,7 +57,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from wsi_asmil.canvas import Grid, blend, colour_table, lookup_mask, mean_values, smooth
+from wsi_asmil.canvas import Grid, blend, blur_halo, colour_table, heat_window, tile_spans
 from wsi_asmil.cli import optional_float, setup_logging
 from wsi_asmil.io import atomic_path, write_image
 from wsi_asmil.masks import read_tissue_mask
@@ -58,6 +68,11 @@ from wsi_asmil.tile_geojson import OBJECT_TYPES, write_tile_geojson
 log = logging.getLogger(__name__)
 
 NORMALIZE_MODES = ("rank", "uniform")
+#: Output pixels painted at a time. A band's working arrays (counts, sums, means, masks and the
+#: blend's float copies) cost about 70 bytes a pixel, so a CAMELYON-sized canvas at 4 um/px with
+#: 158k dense tiles peaks near 150 MiB beside the image instead of 1.4 GiB in one pass
+#: (benchmarks/heatmap_bands.py); the image itself is 3 bytes a pixel.
+BAND_PIXELS = 1 << 20
 
 
 class HeatmapMemoryError(RuntimeError):
@@ -78,8 +93,8 @@ def _memory_advice(mpp: float, out_mpp: float | None, max_edge: int | None, tiff
 class Style:
     """How values become colour: the same for every model of a run."""
 
-    normalize: str = "rank"
-    cmap: str = "jet"
+    normalize: str = "uniform"
+    cmap: str = "viridis"
     alpha: float = 0.5
     blur_um: float = 0.0
     clip_to_tissue: bool = True
@@ -126,24 +141,37 @@ def render(
     tissue_downsample: float | None = None,
     blur_px: float = 0.0,
     grid: Grid | None = None,
+    band_pixels: int = BAND_PIXELS,
 ) -> np.ndarray:
     """Blend colour-mapped tile values over ``thumb`` (the image of ``grid``, default the whole slide).
 
-    Overlapping tiles are averaged; with ``tissue`` the heat shows only on tissue; ``blur_px`` is
-    a Gaussian sigma in output pixels that mixes covered pixels only.
+    Overlapping tiles are averaged per pixel; with ``tissue`` the heat shows only on tissue;
+    ``blur_px`` is a Gaussian sigma in output pixels that mixes covered pixels only. Pixels without
+    heat keep ``thumb``'s values exactly. The canvas is painted in bands of about ``band_pixels``
+    pixels (with a blur halo, so bands join without seams and equal a single pass).
     """
     h, w = thumb.shape[:2]
     grid = grid or Grid(downsample, w, h)
     if grid.shape != (h, w):
         raise ValueError(f"thumbnail is {w}x{h} but the grid is {grid.width}x{grid.height}")
+    out = np.array(thumb, dtype=np.uint8, copy=True)
     if len(values) == 0:
-        return np.array(thumb, dtype=np.uint8, copy=True)
-    heat, covered = mean_values(coords, extent, values, grid)
-    heat = smooth(heat, covered, blur_px)
-    show = covered
-    if tissue is not None:
-        show = covered & lookup_mask(tissue, float(tissue_downsample), grid)
-    return blend(thumb, heat, show, colour_table(cmap), alpha)
+        return out
+    coords = np.asarray(coords, dtype=np.float64).reshape(-1, 2)
+    values = np.asarray(values, dtype=np.float64).reshape(-1)
+    lut = colour_table(cmap)
+    spans = tile_spans(coords, extent, grid)
+    halo = blur_halo(blur_px)
+    rows = max(1, band_pixels // w)
+    for y in range(0, h, rows):
+        band = Grid(grid.downsample, w, min(rows, h - y), grid.x0, grid.y0 + y)
+        near = (spans[:, 1] < y + band.height + halo) & (spans[:, 3] > y - halo)
+        if not near.any():
+            continue
+        heat, show = heat_window(coords[near], extent, values[near], band, sigma_px=blur_px,
+                                 tissue=tissue, tissue_downsample=tissue_downsample)
+        out[y : y + band.height] = blend(out[y : y + band.height], heat, show, lut, alpha)
+    return out
 
 
 def output_mpp(slide_size_um: tuple[float, float], mpp: float, max_edge: int | None) -> float:
@@ -181,29 +209,37 @@ def topk_gallery(slide: Slide, coords: np.ndarray, scores: np.ndarray, k: int, t
     return sheet
 
 
+def legend_ticks(mode: str, uniform_range: float = 10.0) -> tuple[list[float], list[str], str]:
+    """Positions in [0, 1], labels and the axis title of the colour bar of ``mode``.
+
+    ``uniform`` is labelled in its real unit, times the uniform weight 1/M: 1/R, 1/sqrt(R), 1,
+    sqrt(R), R, the ends marked as bounds because values beyond them are clipped.
+    """
+    pos = [0.0, 0.25, 0.5, 0.75, 1.0]
+    if mode == "rank":
+        return pos, ["0", "25", "50", "75", "100"], "attention percentile within the slide"
+    if mode == "uniform":
+        r, root = uniform_range, math.sqrt(uniform_range)
+        labels = [f"≤1/{r:.3g}×", f"1/{root:.3g}×", "1× uniform", f"{root:.3g}×", f"≥{r:.3g}×"]
+        return pos, labels, "attention / uniform attention (M × weight, log scale)"
+    raise ValueError(f"heatmap.normalize must be one of {NORMALIZE_MODES}, got {mode!r}")
+
+
 def write_legend(path: str | Path, mode: str, cmap: str, uniform_range: float = 10.0) -> None:
-    """A horizontal colour bar saying what the colours of a heatmap mean."""
+    """A horizontal colour bar saying what the colours of a heatmap mean, in real units."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.colors import ListedColormap
 
+    pos, labels, title = legend_ticks(mode, uniform_range)
     lut = colour_table(cmap) / 255.0
-    fig, ax = plt.subplots(figsize=(4.2, 0.9), dpi=120)
+    fig, ax = plt.subplots(figsize=(5.2, 0.9), dpi=120)
     ax.imshow(np.linspace(0, 1, 256)[None, :], aspect="auto", cmap=ListedColormap(lut), extent=(0, 1, 0, 1))
     ax.set_yticks([])
-    if mode == "rank":
-        ax.set_xticks([0, 0.25, 0.5, 0.75, 1.0], ["0", "25", "50", "75", "100"])
-        ax.set_xlabel("attention percentile within the slide")
-    elif mode == "uniform":
-        r = uniform_range
-        pos = [0.0, 0.25, 0.5, 0.75, 1.0]
-        labels = [f"≤1/{r:g}", f"1/{math.sqrt(r):.3g}", "uniform", f"{math.sqrt(r):.3g}×", f"≥{r:g}×"]
-        ax.set_xticks(pos, labels)
-        ax.set_xlabel("attention relative to uniform (M × weight, log scale)")
-    else:
-        raise ValueError(f"heatmap.normalize must be one of {NORMALIZE_MODES}, got {mode!r}")
+    ax.set_xticks(pos, labels)
+    ax.set_xlabel(title)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png")
@@ -228,7 +264,7 @@ def draw_slide(
     out_gallery: str | Path | None = None,
     out_tiff: str | Path | None = None,
     style: Style = Style(),
-    mpp: float = 8.0,
+    mpp: float = 4.0,
     max_edge: int | None = None,
     tissue_mask: str | Path | None = None,
     tissue_meta: str | Path | None = None,
@@ -308,11 +344,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tiff", default=None, help="pyramidal TIFF overlay to write (with --tiff-mpp)")
     p.add_argument("--tissue-mask", default=None, help="segment mask.png (mask.json beside it)")
     p.add_argument("--legend", default=None, help="write the colour-bar legend here (alone, or with a slide)")
-    p.add_argument("--mpp", type=float, default=8.0, help="overlay resolution in um/px")
+    p.add_argument("--mpp", type=float, default=4.0, help="overlay resolution in um/px")
     p.add_argument("--max-edge", type=optional_float, default=None, help="cap on the overlay's longer side (px)")
-    p.add_argument("--normalize", default="rank", choices=NORMALIZE_MODES)
+    p.add_argument("--normalize", default="uniform", choices=NORMALIZE_MODES)
     p.add_argument("--uniform-range", type=float, default=10.0, help="R of the uniform scale (R x uniform = top)")
-    p.add_argument("--cmap", default="jet")
+    p.add_argument("--cmap", default="viridis")
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--blur-um", type=float, default=0.0, help="Gaussian blur sigma in um (0 = none)")
     p.add_argument("--clip-to-tissue", action=argparse.BooleanOptionalAction, default=True)

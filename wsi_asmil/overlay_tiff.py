@@ -11,14 +11,13 @@ this package's ``Slide`` read the physical scale.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import tifffile
 
-from wsi_asmil.canvas import Grid, blend, colour_table, lookup_mask, mean_values, smooth
+from wsi_asmil.canvas import Grid, blend, blur_halo, colour_table, heat_window
 from wsi_asmil.io import atomic_path
 from wsi_asmil.slide import Slide
 
@@ -41,7 +40,7 @@ def _tiles(
     """Row-major TIFF tiles of the overlay at ``grid``'s resolution, each TIFF_TILE square."""
     d = grid.downsample
     level_mpp = d * slide.mpp
-    halo = int(math.ceil(3 * sigma_px)) if sigma_px > 0 else 0
+    halo = blur_halo(sigma_px)
     x_end = coords[:, 0] + extent
     y_end = coords[:, 1] + extent
     for ty in range(0, grid.height, TIFF_TILE):
@@ -51,14 +50,9 @@ def _tiles(
             base = slide.read_at_mpp(int(round(tx * d)), int(round(ty * d)), level_mpp, TIFF_TILE)
             near = band & (coords[:, 0] < (tx + TIFF_TILE + halo + 1) * d) & (x_end > (tx - halo - 1) * d)
             if near.any():
-                padded = window.expanded(halo)
-                heat, covered = mean_values(coords[near], extent, values[near], padded)
-                heat = smooth(heat, covered, sigma_px)
-                inner = (slice(halo, halo + TIFF_TILE), slice(halo, halo + TIFF_TILE))
-                heat, covered = heat[inner], covered[inner]
-                if tissue is not None:
-                    covered = covered & lookup_mask(tissue, float(tissue_ds), window)
-                base = blend(base, heat, covered, lut, alpha)
+                heat, show = heat_window(coords[near], extent, values[near], window, sigma_px=sigma_px,
+                                         tissue=tissue, tissue_downsample=tissue_ds)
+                base = blend(base, heat, show, lut, alpha)
             # Outside the slide (right and bottom edge tiles) is glass-white, not whatever was read.
             if tx + TIFF_TILE > grid.width or ty + TIFF_TILE > grid.height:
                 base = base.copy()

@@ -3,6 +3,9 @@
 # one drawing job per model x slide (no torch); one colour bar; ground truth rasterised once per
 # slide; localisation metrics per model. Each job's params hold only the config it reads, so a
 # colour-map edit re-draws and re-reports, and a threshold edit only re-scores localisation.
+# With heatmap.overlap above tiling.overlap the drawn slides are also tiled on that denser grid,
+# embedded by the features rule's own command and scored by the same fold models: the drawing
+# averages the overlapping scores per pixel. Localisation stays on the training grid's scores.
 from wsi_asmil.annotations import find_annotation
 
 HEATMAP = config["heatmap"]
@@ -30,6 +33,19 @@ def check_fold(key, fold):
 check_models("heatmap.models", HEATMAP_MODELS)
 check_fold("heatmap.fold", HEATMAP["fold"])
 
+if 0 < HEATMAP["overlap"] < config["tiling"]["overlap"]:
+    raise ValueError(
+        f"config key 'heatmap.overlap': {HEATMAP['overlap']} is sparser than tiling.overlap "
+        f"{config['tiling']['overlap']}; use 0 (draw the training grid) or a value above it"
+    )
+DENSE = HEATMAP["overlap"] > config["tiling"]["overlap"]
+DENSE_TILING = TileParams(**{**config["tiling"], "overlap": HEATMAP["overlap"]}).tag()
+DENSE_TILES = f"{OUT}/tiles/{DENSE_TILING}/{{slide}}.zarr"
+DENSE_LAYOUT = RunLayout(OUT, DENSE_TILING, ENCODER)
+DENSE_FEATURES = DENSE_LAYOUT.features()
+DENSE_MARKER = f"{DENSE_LAYOUT.features_dir}/batches/{{batch}}.json"
+DENSE_SCORES_DIR = f"{OUT}/heatmaps/{{model}}/scores_{DENSE_TILING}"
+
 # Ground truth: per-slide files in localisation.annotations, else the demo's exact masks.
 if LOCALISATION["annotations"] is not None:
     TRUTH_SOURCES = {
@@ -45,17 +61,13 @@ DEMO_TRUTH = DEMO and LOCALISATION["annotations"] is None
 LOCALISE = bool(TRUTH_SOURCES)
 
 
+DRAW_KEYS = ("mpp", "max_edge", "normalize", "uniform_range", "cmap", "alpha", "blur_um", "clip_to_tissue",
+             "top_k", "geojson_object", "tiff_mpp")
+
+
 def draw_args(section=HEATMAP):
     """The drawing settings as command-line options (no scoring or localisation keys)."""
-    args = ["--mpp", section["mpp"], "--normalize", section["normalize"], "--uniform-range", section["uniform_range"],
-            "--cmap", section["cmap"], "--alpha", section["alpha"], "--blur-um", section["blur_um"],
-            "--top-k", section["top_k"], "--geojson-object", section["geojson_object"],
-            "--clip-to-tissue" if section["clip_to_tissue"] else "--no-clip-to-tissue"]
-    if section["max_edge"] is not None:
-        args += ["--max-edge", section["max_edge"]]
-    if section["tiff_mpp"] is not None:
-        args += ["--tiff-mpp", section["tiff_mpp"]]
-    return shlex.join(str(a) for a in args)
+    return options(section, only=DRAW_KEYS)
 
 
 def draw_outputs(base):
@@ -124,10 +136,71 @@ rule attention:
         " --out-dir {output:q} > {log:q} 2>&1"
 
 
+if DENSE:
+
+    use rule tile as heatmap_tile with:
+        output:
+            store=directory(DENSE_TILES),
+            qc=f"{OUT}/tiles/{DENSE_TILING}/{{slide}}_grid.png",
+        params:
+            seg_dir=lambda wc: LAYOUT.segment(wc.slide),
+            args=lambda wc: f'{cli_args("tiling", exclude=("overlap",))} --overlap {HEATMAP["overlap"]}',
+            mpp=mpp_args,
+            version=VERSION,
+        log:
+            f"{OUT}/logs/tile/{DENSE_TILING}/{{slide}}.log",
+        benchmark:
+            f"{OUT}/benchmarks/tile/{DENSE_TILING}/{{slide}}.tsv"
+
+    def dense_batch(wildcards):
+        """The drawn slides of a feature batch (the training grid's batches, cohort slides only)."""
+        return [s for s in cohort_batch(wildcards) if s in TRAIN_IDS]
+
+    def dense_markers(ids):
+        return sorted({expand(DENSE_MARKER, batch=FEATURE_BATCH_OF[s])[0] for s in ids})
+
+    use rule features as heatmap_features with:
+        input:
+            slides=lambda wc: [slide_file(s) for s in dense_batch(wc)],
+            tiles=lambda wc: expand(DENSE_TILES, slide=dense_batch(wc)),
+        output:
+            marker=DENSE_MARKER,
+        params:
+            members=lambda wc: members_json(
+                dense_batch(wc), slide_file, lambda s: expand(DENSE_TILES, slide=s)[0],
+                lambda s: expand(DENSE_FEATURES, slide=s)[0], MPP_OVERRIDE,
+            ),
+            args=lambda wc: cli_args("features", exclude=PERFORMANCE_ONLY),
+            mpp=fallback_args,
+            version=VERSION,
+        log:
+            f"{OUT}/logs/features/{DENSE_TILING}/{ENCODER}/batch-{{batch}}.log",
+        benchmark:
+            f"{OUT}/benchmarks/features/{DENSE_TILING}/{ENCODER}/batch-{{batch}}.tsv"
+
+    use rule attention as heatmap_attention with:
+        input:
+            features=lambda wc: dense_markers(usable(TRAIN_IDS)),
+            split=SPLIT,
+            models=fold_checkpoints,
+        output:
+            directory(DENSE_SCORES_DIR),
+        params:
+            stores=lambda wc: expand(DENSE_FEATURES, slide=usable(TRAIN_IDS)),
+            models_dir=lambda wc: LAYOUT.models(wc.model),
+            fold=SCORE_FOLD,
+            folds=len(FOLDS),
+            version=VERSION,
+        log:
+            f"{OUT}/logs/attention/{DENSE_TILING}/{{model}}.log",
+        benchmark:
+            f"{OUT}/benchmarks/attention/{DENSE_TILING}/{{model}}.tsv"
+
+
 rule heatmap:
     input:
         slide=slide_path,
-        scores=SCORES_DIR,
+        scores=DENSE_SCORES_DIR if DENSE else SCORES_DIR,
         mask=rules.segment.output.mask if HEATMAP["clip_to_tissue"] else [],
         meta=rules.segment.output.meta if HEATMAP["clip_to_tissue"] else [],
     output:
@@ -154,8 +227,7 @@ rule heatmap_legend:
     output:
         LEGEND,
     params:
-        args=shlex.join(["--normalize", HEATMAP["normalize"], "--uniform-range", str(HEATMAP["uniform_range"]),
-                         "--cmap", HEATMAP["cmap"]]),
+        args=options(HEATMAP, only=("normalize", "uniform_range", "cmap")),
         version=VERSION,
     conda:
         ENV
@@ -177,8 +249,7 @@ rule truth:
     params:
         # The demo's truth is written with its slides (the slide is the input that orders them).
         source=lambda wc: TRUTH_SOURCES[wc.slide],
-        args=shlex.join(["--mpp", str(LOCALISATION["mpp"]), "--include", *LOCALISATION["include"],
-                         "--exclude", *LOCALISATION["exclude"]]),
+        args=options(LOCALISATION, only=("mpp", "include", "exclude")),
         mpp=mpp_args,
         version=VERSION,
     conda:
@@ -200,8 +271,7 @@ rule localisation:
         csv=f"{LOCALISATION_DIR}/{{model}}.csv",
         json=f"{LOCALISATION_DIR}/{{model}}.json",
     params:
-        args=shlex.join(["--threshold", LOCALISATION["threshold"], "--top-q", str(LOCALISATION["top_q"]),
-                         "--top-k", *map(str, LOCALISATION["top_k"])]),
+        args=options(LOCALISATION, only=("threshold", "top_q", "top_k")),
         version=VERSION,
     conda:
         ENV
