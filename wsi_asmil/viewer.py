@@ -7,9 +7,8 @@ Per slide (``python -m wsi_asmil.viewer pyramids``) one folder holds:
   exactly as the static heatmap (``heatmap.normalize`` and ``canvas.colour_table``, tiles averaged
   where they overlap, the same blur and tissue clip), opaque on shown pixels and transparent
   elsewhere: the viewer's opacity slider does the blending that ``heatmap.alpha`` does in the PNG;
-* ``truth.dzi`` + files where ground truth exists: the tumour outline (white, edged black) as an
-  RGBA layer at ``overlay_mpp``;
-* ``layers.json``: the layers' inline tile sources and the slide's size and resolution.
+* ``layers.json``: the layers' inline tile sources, the slide's size and resolution and, where
+  ground truth exists, the tumour outline as SVG path data (drawn as a vector, white edged black).
 
 Every layer is rendered window by window (``wsi_asmil.deepzoom``), so memory follows a block of
 tiles whatever the slide's size, and the folder appears complete or not at all.
@@ -115,22 +114,18 @@ def heat_renderer(coords: np.ndarray, extent: float, values: np.ndarray, lut: np
     return render
 
 
-def outline_renderer(mask: np.ndarray, mask_ds: float) -> Render:
-    """RGBA windows of a mask's outline: a one-pixel white line edged black, transparent elsewhere,
-    one output pixel wide at every zoom level."""
-    kernel = np.ones((3, 3), np.uint8)
+def outline_path(mask: np.ndarray, mask_ds: float) -> str:
+    """The outline of a mask as SVG path data in level-0 pixels (one closed subpath per contour).
 
-    def render(grid: Grid) -> np.ndarray:
-        padded = lookup_mask(mask, mask_ds, grid.expanded(2)).astype(np.uint8)
-        edge = padded & (1 - cv2.erode(padded, kernel, borderType=cv2.BORDER_REPLICATE))
-        ring = cv2.dilate(edge, kernel) & (1 - edge)
-        inner = (slice(2, 2 + grid.height), slice(2, 2 + grid.width))
-        out = np.zeros((grid.height, grid.width, 4), np.uint8)
-        out[ring[inner] > 0] = (0, 0, 0, 255)
-        out[edge[inner] > 0] = (255, 255, 255, 255)
-        return out
-
-    return render
+    Drawn as a vector over the slide with a stroke of constant screen width, it stays crisp at
+    every zoom, where a raster outline would grow thick and blurred past its own resolution.
+    Vertices are the centres of the mask's border pixels."""
+    contours, _ = cv2.findContours(np.ascontiguousarray(mask, dtype=np.uint8), cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)
+    parts = []
+    for contour in contours:
+        points = (contour.reshape(-1, 2) + 0.5) * mask_ds
+        parts.append("M" + " L".join(f"{x:.0f} {y:.0f}" for x, y in points) + " Z")
+    return " ".join(parts)
 
 
 # --- one slide's pyramids -----------------------------------------------------------------------
@@ -187,8 +182,7 @@ def build_slide(
             if truth is None:
                 raise FileNotFoundError(f"slide '{slide.slide_id}': cannot read truth mask {truth_png}")
             truth_ds = float(json.loads(Path(truth_png).with_suffix(".json").read_text())["downsample"])
-            source, n = write_dzi(tmp, "truth", over, outline_renderer(truth > 0, truth_ds), "png")
-            layers.append({"kind": "truth", "name": "truth", "source": source})
+            layers.append({"kind": "truth", "name": "truth", "path": outline_path(truth > 0, truth_ds)})
         record = {"slide_id": slide.slide_id, "mpp": slide.mpp, "slide_dimensions": list(slide.dimensions),
                   "slide_layer_mpp": base.downsample * slide.mpp, "overlay_mpp": over.downsample * slide.mpp,
                   "layers": layers}
@@ -223,30 +217,63 @@ html,body{margin:0;height:100%;font-family:system-ui,-apple-system,"Segoe UI",sa
 PAGE_JS = """
 const viewer = OpenSeadragon({id: "osd", prefixUrl: OSD + "/images/", drawer: "canvas", showNavigator: true,
   maxZoomPixelRatio: 4, visibilityRatio: 0.5, animationTime: 0.6});
-const state = {tiles: {}, drawn: {}, failed: 0, ready: false};
+const state = {tiles: {}, drawn: {}, failed: 0, ready: false, outline: 0};
 const bar = document.getElementById("bar"), select = document.getElementById("slide");
 const layersBox = document.getElementById("layers"), opacity = document.getElementById("opacity");
+const SVG = "http://www.w3.org/2000/svg";
+// The truth outline: one SVG over the viewer whose group follows the image; strokes keep their
+// screen width at any zoom (non-scaling-stroke).
+const svg = document.createElementNS(SVG, "svg"), group = document.createElementNS(SVG, "g");
+svg.setAttribute("style", "position:absolute;left:0;top:0;width:100%;height:100%;pointer-events:none");
+svg.append(group);
+viewer.canvas.append(svg);
 function publish() {
   document.body.dataset.tiles = JSON.stringify(state.tiles);
   document.body.dataset.drawn = JSON.stringify(state.drawn);
   document.body.dataset.failed = String(state.failed);
   document.body.dataset.ready = state.ready ? "1" : "0";
+  document.body.dataset.outline = String(state.outline);
 }
-function layerOf(item) { const i = viewer.world.getIndexOfItem(item); return current ? current.layers[i] : null; }
+let current = null, tiled = [];
+function layerOf(item) { return tiled[viewer.world.getIndexOfItem(item)] || null; }
 function shown(layer) {
   const box = document.getElementById("show-" + layer.name);
   return layer.kind === "slide" || (box !== null && box.checked);
 }
-function applyOpacity() {
-  for (let i = 0; i < viewer.world.getItemCount(); i++) {
-    const layer = current.layers[i];
-    viewer.world.getItemAt(i).setOpacity(!shown(layer) ? 0 : layer.kind === "heat" ? Number(opacity.value) : 1);
-  }
+function placeOutline() {
+  const item = viewer.world.getItemAt(0);
+  if (!item) return;
+  // the slide layer's pixels are level-0 pixels times its width over the slide's
+  const origin = item.imageToViewerElementCoordinates(new OpenSeadragon.Point(0, 0));
+  const right = item.imageToViewerElementCoordinates(new OpenSeadragon.Point(item.source.dimensions.x, 0));
+  const scale = (right.x - origin.x) / (item.source.dimensions.x * current.slide_layer_mpp / current.mpp);
+  group.setAttribute("transform", `translate(${origin.x} ${origin.y}) scale(${scale})`);
 }
-let current = null;
+function drawOutline() {
+  group.replaceChildren();
+  state.outline = 0;
+  const truth = current.layers.find(layer => layer.kind === "truth");
+  if (!truth || !shown(truth)) return;
+  for (const [colour, width] of [["black", 4], ["white", 2]]) {
+    const path = document.createElementNS(SVG, "path");
+    path.setAttribute("d", truth.path);
+    path.setAttribute("style", `fill:none;stroke:${colour};stroke-width:${width};vector-effect:non-scaling-stroke`);
+    group.append(path);
+  }
+  state.outline = (truth.path.match(/M/g) || []).length;
+  placeOutline();
+}
+function applyOpacity() {
+  tiled.forEach((layer, i) => {
+    viewer.world.getItemAt(i).setOpacity(!shown(layer) ? 0 : layer.kind === "heat" ? Number(opacity.value) : 1);
+  });
+  drawOutline(); publish();
+}
 function openSlide(index) {
   current = SLIDES[index];
-  state.tiles = {}; state.drawn = {}; state.failed = 0; state.ready = false; publish();
+  tiled = current.layers.filter(layer => layer.kind !== "truth");
+  state.tiles = {}; state.drawn = {}; state.failed = 0; state.ready = false;
+  group.replaceChildren(); state.outline = 0; publish();
   layersBox.replaceChildren();
   let firstHeat = true;
   for (const layer of current.layers) {
@@ -259,13 +286,15 @@ function openSlide(index) {
     label.append(box, " " + (layer.kind === "truth" ? "truth outline" : layer.name));
     layersBox.append(label);
   }
-  viewer.open(current.layers.map(layer => {
+  viewer.open(tiled.map(layer => {
     const source = structuredClone(layer.source);
     source.Image.Url = current.base + source.Image.Url;
     return {tileSource: source, x: 0, y: 0, width: 1,
             opacity: !shown(layer) ? 0 : layer.kind === "heat" ? Number(opacity.value) : 1};
   }));
 }
+viewer.addHandler("open", () => { drawOutline(); publish(); });
+viewer.addHandler("update-viewport", placeOutline);
 viewer.addHandler("tile-loaded", e => {
   const layer = layerOf(e.tiledImage);
   if (layer) { state.tiles[layer.name] = (state.tiles[layer.name] || 0) + 1; publish(); }
@@ -355,7 +384,7 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--truth", default=None, help="localisation truth <slide>.png (.json beside it)")
     b.add_argument("--out-dir", required=True)
     b.add_argument("--viewer-mpp", type=float, default=1.0, help="slide layer resolution (um/px)")
-    b.add_argument("--overlay-mpp", type=float, default=2.0, help="heat and truth layers' resolution (um/px)")
+    b.add_argument("--overlay-mpp", type=float, default=2.0, help="heat layers' resolution (um/px)")
     b.add_argument("--quality", type=int, default=80, help="JPEG quality of the slide tiles")
     b.add_argument("--normalize", default="rank", choices=NORMALIZE_MODES)
     b.add_argument("--uniform-range", type=float, default=10.0)
