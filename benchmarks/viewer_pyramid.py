@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from heatmap_speed import run  # noqa: E402  (the same measured runner as the heatmap benchmark)
+from heatmap_speed import run  # the same measured runner as the heatmap benchmark
 
 
 def ensure_slide(work: Path, width: int, height: int) -> Path:

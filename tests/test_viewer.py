@@ -26,8 +26,8 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import physical_pattern, write_generic_tiff
+
 from wsi_asmil import vendor, viewer
 from wsi_asmil.canvas import Grid, colour_table
 from wsi_asmil.deepzoom import DZI_NS, Pyramid, write_dzi, write_tiles
@@ -340,7 +340,8 @@ class DevTools:
         self.proc = subprocess.Popen(
             [browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--hide-scrollbars",
              "--remote-debugging-pipe", f"--user-data-dir={profile}", "about:blank"],
-            preexec_fn=wire, close_fds=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            # the test starts no threads, so the child's pre-exec step is safe
+            preexec_fn=wire, close_fds=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # noqa: PLW1509
         for fd in child:
             os.close(fd)
         self._buffer, self._id, self.events = b"", 0, []
@@ -382,7 +383,7 @@ class DevTools:
 def test_viewer_in_headless_chromium_fetches_tiles_and_draws_the_overlay(tmp_path: Path) -> None:
     browser = chromium()
     report = tmp_path / "report"
-    case, record = build(tmp_path, report)
+    case, _ = build(tmp_path, report)
     page = viewer.write_page(report, [case["slide"].stem], alpha=1.0)
     assert (report / "viewer" / "openseadragon" / "LICENSE.txt").is_file()
 

@@ -52,7 +52,7 @@ class Pyramid:
 
     @property
     def max_level(self) -> int:
-        return int(math.ceil(math.log2(max(self.width, self.height))))
+        return math.ceil(math.log2(max(self.width, self.height)))
 
     @property
     def levels(self) -> range:

@@ -25,7 +25,6 @@ import argparse
 import json
 import logging
 import math
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,13 @@ from wsi_asmil import report_html as H
 from wsi_asmil.canvas import Grid, colour_table, lookup_mask, mean_values, smooth
 from wsi_asmil.cli import optional_float, setup_logging
 from wsi_asmil.deepzoom import Pyramid, Render, write_dzi
-from wsi_asmil.heatmap import NORMALIZE_MODES, Style, load_scores, normalize, read_tissue
+from wsi_asmil.heatmap import (
+    NORMALIZE_MODES,
+    Style,
+    load_scores,
+    normalize,
+    read_tissue,
+)
 from wsi_asmil.io import atomic_path, write_json, write_text
 from wsi_asmil.slide import RegionReadError, Slide
 
@@ -94,7 +99,7 @@ def heat_renderer(coords: np.ndarray, extent: float, values: np.ndarray, lut: np
     def render(grid: Grid) -> np.ndarray:
         d = grid.downsample
         sigma = blur_um / (d * slide_mpp)
-        halo = int(math.ceil(BLUR_REACH * sigma)) + 1 if sigma > 0 else 0
+        halo = math.ceil(BLUR_REACH * sigma) + 1 if sigma > 0 else 0
         out = np.zeros((grid.height, grid.width, 4), np.uint8)
         near = ((coords[:, 0] < (grid.x0 + grid.width + halo + 1) * d) & (x_end > (grid.x0 - halo - 1) * d)
                 & (coords[:, 1] < (grid.y0 + grid.height + halo + 1) * d) & (y_end > (grid.y0 - halo - 1) * d))
@@ -142,7 +147,7 @@ def build_slide(
     out_dir: str | Path,
     scores: Mapping[str, str | Path],
     *,
-    style: Style = Style(),
+    style: Style | None = None,
     slide_mpp: float = 1.0,
     overlay_mpp: float = 2.0,
     quality: int = 80,
@@ -156,6 +161,7 @@ def build_slide(
     ``scores`` maps each model to its ``<slide>_scores.csv``; ``truth_png`` is the localisation
     stage's tumour mask (its ``.json`` beside it gives the downsample)."""
     out_dir = Path(out_dir)
+    style = style or Style()
     lut = colour_table(style.cmap)
     tissue, tissue_ds = read_tissue(tissue_mask, None) if style.clip_to_tissue and tissue_mask else (None, None)
     with Slide(slide_path, mpp_override, mpp_fallback) as slide, atomic_path(out_dir) as tmp:
