@@ -167,6 +167,15 @@ def test_whole_workflow_outputs(finished_run: tuple[Path, dict]) -> None:
     for section in ("Classification", "Attention instability", "Attention", "Localisation", "Heatmaps", "New slides", "Slides left out"):
         assert f">{section}" in html, section
     assert html.count("data:image/jpeg;base64,") == 6  # heatmap sample: 6 slides x 1 drawn model
+    # The zoomable viewer: the same 6 slides, each with the slide, the drawn model's heat and the truth.
+    assert "href='viewer.html'" in html
+    sample = json.loads((out / "report" / "viewer" / "sample.json").read_text())
+    assert len(sample) == 6 and all(f">{sid} " in html for sid in sample)
+    page = (out / "report" / "viewer.html").read_text()
+    for sid in sample:
+        layers = json.loads((out / "report" / "viewer" / "slides" / sid / "layers.json").read_text())
+        assert [layer["name"] for layer in layers["layers"]] == ["slide", "asmil", "truth"] and sid in page
+    assert (out / "report" / "viewer" / "openseadragon" / "openseadragon.min.js").is_file()
     assert "broken" in html  # the unusable new slide is listed
     # Inference on new slides: every model's ensemble, no labels; the broken slide says why.
     pred = pd.read_csv(out / "predict" / "predictions.csv", keep_default_na=False)
@@ -180,13 +189,15 @@ def test_whole_workflow_outputs(finished_run: tuple[Path, dict]) -> None:
         assert (out / "predict" / "heatmaps" / model / f"{NEW_SLIDE}.png").stat().st_size > 0
         assert (out / "predict" / "heatmaps" / model / f"{NEW_SLIDE}.geojson").stat().st_size > 0
     assert NEW_SLIDE not in set(preds["slide_id"])  # never in a test set: it has no label
-    for rule in ("segment", "tile", "features", "train", "heatmap", "attention", "localisation", "truth"):
+    for rule in ("segment", "tile", "features", "train", "heatmap", "attention", "localisation", "truth", "viewer"):
         assert any((out / "logs" / rule).rglob("*.log"))
         assert any((out / "benchmarks" / rule).rglob("*.tsv"))
 
 
 #: What re-scoring every model re-runs downstream (cohort and new slides).
 SCORED = {"attention": 2, "heatmap": 8, "localisation": 2, "predict_attention": 2, "predict_heatmap": 2, "predict": 1}
+#: What new scores or colours of the drawn model re-run in the viewer: its 6 slides' pyramids and the page.
+VIEWER = {"viewer_pyramids": 6, "viewer_page": 1}
 
 
 def rerun_plan(finished_run: tuple[Path, dict], edit: dict) -> dict[str, int]:
@@ -202,20 +213,24 @@ def test_nothing_to_do_after_a_run(finished_run: tuple[Path, dict]) -> None:
     "edit,expected",
     [
         ({"segment": {"min_saturation": 20}}, {"segment": 8, "tile": 8, "features": 8, "train": 4, "report": 1, **SCORED,
-                                               "predict_segment": 1, "predict_tile": 1, "predict_features": 1}),
+                                               "predict_segment": 1, "predict_tile": 1, "predict_features": 1, **VIEWER}),
         ({"tiling": {"tile_size": 256}}, {"tile": 8, "features": 8, "train": 4, "report": 1, **SCORED,
-                                          "predict_tile": 1, "predict_features": 1}),
-        ({"features": {"precision": "fp32"}}, {"features": 8, "train": 4, "report": 1, **SCORED, "predict_features": 1}),
+                                          "predict_tile": 1, "predict_features": 1, **VIEWER}),
+        ({"features": {"precision": "fp32"}}, {"features": 8, "train": 4, "report": 1, **SCORED, "predict_features": 1,
+                                              **VIEWER}),
         ({"features": {"batch_size": 32, "num_workers": 0}}, {}),
-        ({"train": {"lr": 0.0002}}, {"train": 4, "report": 1, **SCORED}),
+        ({"train": {"lr": 0.0002}}, {"train": 4, "report": 1, **SCORED, **VIEWER}),
         ({"train": {"asmil": {"beta": 0.5}}}, {"train": 2, "report": 1, "attention": 1, "heatmap": 8, "localisation": 1,
-                                               "predict_attention": 1, "predict_heatmap": 1, "predict": 1}),
+                                               "predict_attention": 1, "predict_heatmap": 1, "predict": 1, **VIEWER}),
         ({"train": {"abmil": {"hidden": 64}}}, {"train": 2, "report": 1, "attention": 1, "localisation": 1,
                                                 "predict_attention": 1, "predict_heatmap": 1, "predict": 1}),
         # Drawing settings re-draw (and re-report: the page embeds heatmaps), never re-score.
-        ({"heatmap": {"cmap": "viridis"}}, {"heatmap": 8, "heatmap_legend": 1, "predict_heatmap": 2, "report": 1}),
+        ({"heatmap": {"cmap": "viridis"}}, {"heatmap": 8, "heatmap_legend": 1, "predict_heatmap": 2, "report": 1, **VIEWER}),
         ({"heatmap": {"localisation": {"threshold": "top_q"}}}, {"localisation": 2, "report": 1}),
-        ({"heatmap": {"fold": "ensemble"}}, {"attention": 2, "heatmap": 8, "localisation": 2, "report": 1}),
+        # Viewer settings re-draw the viewer's pyramids only; without the viewer the report drops its link.
+        ({"viewer": {"overlay_mpp": 4.0}}, {**VIEWER, "report": 1}),
+        ({"viewer": {"enabled": False}}, {"report": 1}),
+        ({"heatmap": {"fold": "ensemble"}}, {"attention": 2, "heatmap": 8, "localisation": 2, "report": 1, **VIEWER}),
         ({"heatmap": {"device": "cpu"}}, {}),
         ({"predict": {"fold": 1}}, {"predict_attention": 2, "predict_heatmap": 2, "predict": 1, "report": 1}),
         # A model added trains, scores and reports alone; settings of a model not trained change nothing.
@@ -224,7 +239,7 @@ def test_nothing_to_do_after_a_run(finished_run: tuple[Path, dict]) -> None:
         ({"train": {"transmil": {"dim": 64}}}, {}),
     ],
     ids=["segment", "tiling", "features", "speed-only", "train", "asmil-only", "abmil-only", "heatmap",
-         "localisation", "scoring-fold", "scoring-device", "predict-fold", "model-added", "untrained-model"],
+         "localisation", "viewer", "viewer-off", "scoring-fold", "scoring-device", "predict-fold", "model-added", "untrained-model"],
 )
 def test_config_edit_reruns_exactly_the_affected_stages(
     finished_run: tuple[Path, dict], edit: dict, expected: dict[str, int]

@@ -380,6 +380,7 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--n", type=int, required=True, help="how many (heatmap.report_sample)")
     s.add_argument("--truth-dir", default=None, help="localisation/truth (tumour areas)")
     s.add_argument("--split", default=None, help="split JSON (labels)")
+    s.add_argument("--inventory", default=None, help="inventory CSV: only the slides it could open are candidates")
     s.add_argument("--out", required=True, help="JSON list of slide ids to write")
     b = sub.add_parser("pyramids", help="one slide's Deep Zoom folder")
     b.add_argument("--slide", required=True, help="slide file (or DICOM folder)")
@@ -406,7 +407,13 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     setup_logging()
     if args.command == "sample":
-        chosen = choose_slides(args.candidates, args.n, args.truth_dir, args.split)
+        candidates = args.candidates
+        if args.inventory:
+            from wsi_asmil.inventory import usable_ids
+
+            usable = usable_ids(args.inventory)
+            candidates = [s for s in candidates if s in usable]
+        chosen = choose_slides(candidates, args.n, args.truth_dir, args.split)
         write_json(args.out, chosen)
         log.info("viewer slides: %s", chosen)
     elif args.command == "pyramids":

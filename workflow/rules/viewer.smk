@@ -14,6 +14,13 @@ def viewer_slides(wildcards=None):
     return json.loads(Path(checkpoints.viewer_sample.get().output[0]).read_text())
 
 
+def viewer_targets():
+    """What `snakemake` (rule all) builds for the viewer: the page and every sampled slide's pyramids."""
+    if not VIEWER_ON:
+        return []
+    return [f"{REPORT}/viewer.html", *expand(VIEWER_SLIDE, slide=viewer_slides())]
+
+
 def viewer_truth(wildcards):
     return f"{TRUTH_DIR}/{wildcards.slide}.png" if LOCALISE and wildcards.slide in TRUTH_SOURCES else []
 
@@ -31,11 +38,12 @@ def viewer_io(wildcards, input):
 checkpoint viewer_sample:
     input:
         split=SPLIT,
+        inventory=INVENTORY,
         truth=lambda wc: expand(f"{TRUTH_DIR}/{{slide}}.png", slide=usable(sorted(TRUTH_SOURCES))) if LOCALISE else [],
     output:
         f"{REPORT}/viewer/sample.json",
     params:
-        candidates=lambda wc: shlex.join(usable(TRAIN_IDS)),
+        candidates=shlex.join(TRAIN_IDS),
         n=HEATMAP["report_sample"],
         truth=shlex.join(["--truth-dir", TRUTH_DIR]) if LOCALISE else "",
         version=VERSION,
@@ -47,7 +55,7 @@ checkpoint viewer_sample:
         f"{OUT}/benchmarks/viewer/sample.tsv"
     shell:
         "{PY} -m wsi_asmil.viewer sample --candidates {params.candidates} --n {params.n} {params.truth}"
-        " --split {input.split:q} --out {output:q} > {log:q} 2>&1"
+        " --split {input.split:q} --inventory {input.inventory:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule viewer_pyramids:
