@@ -255,6 +255,12 @@ def test_sample_is_the_reports(tmp_path: Path) -> None:
         write_json(tmp_path / f"{sid}.json", {"tumour_area_um2": area})
     assert viewer.choose_slides(["d", "c", "b", "a"], 3, tmp_path, None) == choose_sample(
         ["a", "b", "c", "d"], 3, {"a": 5.0, "b": 0.0, "c": 9.0, "d": 0.0}, {}) == ["c", "a", "b"]
+    # the workflow's command: slides the inventory could not open are no candidates
+    inventory = tmp_path / "slides.csv"
+    inventory.write_text("slide_id,path,status,message\na,a.svs,ok,\nb,b.svs,ok,\nc,c.svs,error,empty\nd,d.svs,ok,\n")
+    viewer.main(["sample", "--candidates", "a", "b", "c", "d", "--n", "3", "--truth-dir", str(tmp_path),
+                 "--inventory", str(inventory), "--out", str(tmp_path / "sample.json")])
+    assert json.loads((tmp_path / "sample.json").read_text()) == ["a", "b", "d"]
 
 
 def test_page_inlines_sources_and_points_nowhere_outside(tmp_path: Path) -> None:
