@@ -1,7 +1,8 @@
 # The report's zoomable viewer (report/viewer.html): Deep Zoom pyramids of the report's sampled slides,
 # each model's heat overlay and the truth outline, shown with OpenSeadragon vendored from npm.
 # The sample depends on the truth masks' tumour areas, so it is a checkpoint: the pyramids it asks
-# for are planned once it has run. The heatmap section's colour settings are params of the pyramids,
+# for are planned once it has run. Its inputs are the split, the inventory and the truth masks only
+# (not the scores), so it re-runs rarely and a dry run still lists the jobs downstream of it. The heatmap section's colour settings are params of the pyramids,
 # so a colour-map edit re-draws them; heatmap.alpha is only the page's initial opacity.
 
 VIEWER = config["viewer"]
@@ -15,7 +16,11 @@ def viewer_slides(wildcards=None):
 
 
 def viewer_targets():
-    """What `snakemake` (rule all) builds for the viewer: the page and every sampled slide's pyramids."""
+    """What `snakemake` (rule all) builds for the viewer: the page and every sampled slide's pyramids.
+
+    The pyramids are named here, not only as the page's inputs: reached only through the page,
+    Snakemake (9.27) plans them after the sample checkpoint and misses that new scores, masks or
+    colour settings make them out of date."""
     if not VIEWER_ON:
         return []
     return [f"{REPORT}/viewer.html", *expand(VIEWER_SLIDE, slide=viewer_slides())]
