@@ -261,7 +261,7 @@ def test_encoder_change_reruns_features_onwards_and_keeps_the_old_features(finis
     tmp, config = finished_run
     out = Path(config["out_dir"])
     proc = snakemake("-n", config=deep_merge(config, {"features": {"encoder": "vit_small", "weights": "random"}}), tmp=tmp)
-    assert planned_rules(proc) == {"features": 8, "train": 4, "report": 1, **SCORED, "predict_features": 1}
+    assert planned_rules(proc) == {"features": 8, "train": 4, "report": 1, **SCORED, "predict_features": 1, **VIEWER}
     outputs = planned_outputs(proc)
     assert sum("/features/0.5mpp_224px/vit_small/" in p for p in outputs) >= 8
     # the new encoder's stores go beside the old ones, which no job touches
