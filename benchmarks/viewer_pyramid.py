@@ -92,7 +92,7 @@ def main() -> None:
     seconds, mib = run("wsi_asmil.viewer", cmd, work / "viewer.log")
     files, disk = folder_size(out)
     layers = json.loads((out / "layers.json").read_text())["layers"]
-    sizes = {layer["name"]: "x".join(layer["source"]["Image"]["Size"].values()) for layer in layers}
+    sizes = {layer["name"]: "x".join(layer["source"]["Image"]["Size"].values()) for layer in layers if "source" in layer}
     print(f"\nslide {args.width} x {args.height} px at 0.25 um/px, {n_tiles} scored tiles; "
           f"{platform.machine()}, {os.cpu_count()} CPU(s); layers {sizes}\n")
     print("| slide px | slide layer um/px | overlay um/px | models | DZI files | disk MiB | seconds | peak RSS MiB |")
