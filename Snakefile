@@ -28,6 +28,7 @@ include: "workflow/rules/train.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/heatmap.smk"
 include: "workflow/rules/predict.smk"
+include: "workflow/rules/viewer.smk"
 
 
 rule all:

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-STAGES = ["synthetic", "segment", "tile", "features", "split", "train", "report", "heatmap"]
+STAGES = ["synthetic", "segment", "tile", "features", "split", "train", "report", "heatmap", "viewer", "vendor"]
 
 
 @pytest.mark.parametrize("stage", STAGES)

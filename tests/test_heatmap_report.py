@@ -390,6 +390,10 @@ def test_report_html_gathers_localisation_and_heatmaps(tmp_path: Path) -> None:
     assert summary["by_model"]["asmil"]["dice"]["n"] == 3 and summary["reference"] == "asmil"
     assert len(pd.read_csv(tmp_path / "report" / "localisation.csv")) == 8
     assert "## Localisation" in (tmp_path / "report" / "metrics.md").read_text()
+    assert "viewer.html" not in html
+    write_report(models, ["asmil", "abmil"], 2, tmp_path / "report", heatmaps_dir=heat, heatmap_models=["asmil"],
+                 truth_dir=truth, sample=3, viewer="viewer.html")
+    assert "<a href='viewer.html'>" in (tmp_path / "report" / "index.html").read_text()
 
 
 def test_sample_prefers_large_tumours_then_contrast() -> None:

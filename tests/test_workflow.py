@@ -183,6 +183,15 @@ def test_whole_workflow_outputs(finished_run: tuple[Path, dict]) -> None:
     for section in ("Classification", "Attention instability", "Attention", "Localisation", "Heatmaps", "New slides", "Slides left out"):
         assert f">{section}" in html, section
     assert html.count("data:image/jpeg;base64,") == 6  # heatmap sample: 6 slides x 1 drawn model
+    # The zoomable viewer: the same 6 slides, each with the slide, the drawn model's heat and the truth.
+    assert "href='viewer.html'" in html
+    sample = json.loads((out / "report" / "viewer" / "sample.json").read_text())
+    assert len(sample) == 6 and all(f">{sid} " in html for sid in sample)
+    page = (out / "report" / "viewer.html").read_text()
+    for sid in sample:
+        layers = json.loads((out / "report" / "viewer" / "slides" / sid / "layers.json").read_text())
+        assert [layer["name"] for layer in layers["layers"]] == ["slide", "asmil", "truth"] and sid in page
+    assert (out / "report" / "viewer" / "openseadragon" / "openseadragon.min.js").is_file()
     assert "broken" in html  # the unusable new slide is listed
     # Inference on new slides: every model's ensemble, no labels; the broken slide says why.
     pred = pd.read_csv(out / "predict" / "predictions.csv", keep_default_na=False)
@@ -196,7 +205,7 @@ def test_whole_workflow_outputs(finished_run: tuple[Path, dict]) -> None:
         assert (out / "predict" / "heatmaps" / model / f"{NEW_SLIDE}.png").stat().st_size > 0
         assert (out / "predict" / "heatmaps" / model / f"{NEW_SLIDE}.geojson").stat().st_size > 0
     assert NEW_SLIDE not in set(preds["slide_id"])  # never in a test set: it has no label
-    for rule in ("segment", "tile", "features", "train", "heatmap", "attention", "localisation", "truth"):
+    for rule in ("segment", "tile", "features", "train", "heatmap", "attention", "localisation", "truth", "viewer"):
         assert any((out / "logs" / rule).rglob("*.log"))
         assert any((out / "benchmarks" / rule).rglob("*.tsv"))
 
@@ -205,7 +214,9 @@ def test_whole_workflow_outputs(finished_run: tuple[Path, dict]) -> None:
 SCORED = {"attention": 2, "heatmap_attention": 1, "heatmap": 8, "localisation": 2, "predict_attention": 2,
           "predict_heatmap": 2, "predict": 1}
 #: What a new tiling or new features re-run on the drawn slides' dense grid.
-DENSE_TILE = {"heatmap_tile": 8, "heatmap_features": 8}
+DENSE_TILE = {"heatmap_tile": 8, "heatmap_features": 1}
+#: What new scores or colours of the drawn model re-run in the viewer: its 6 slides' pyramids and the page.
+VIEWER = {"viewer_pyramids": 6, "viewer_page": 1}
 
 
 def rerun_plan(finished_run: tuple[Path, dict], edit: dict) -> dict[str, int]:
@@ -222,28 +233,31 @@ def test_nothing_to_do_after_a_run(finished_run: tuple[Path, dict]) -> None:
     [
         ({"segment": {"min_saturation": 20}}, {"segment": 8, "tile": 8, "features": 1, "train": 4, "report": 1, **SCORED,
                                                **DENSE_TILE, "predict_segment": 1, "predict_tile": 1,
-                                               "predict_features": 1}),
+                                               "predict_features": 1, **VIEWER}),
         ({"tiling": {"tile_size": 256}}, {"tile": 8, "features": 1, "train": 4, "report": 1, **SCORED, **DENSE_TILE,
-                                          "predict_tile": 1, "predict_features": 1}),
+                                          "predict_tile": 1, "predict_features": 1, **VIEWER}),
         ({"features": {"precision": "fp32"}}, {"features": 1, "heatmap_features": 1, "train": 4, "report": 1, **SCORED,
-                                               "predict_features": 1}),
+                                               "predict_features": 1, **VIEWER}),
         ({"features": {"batch_size": 32, "num_workers": 0}}, {}),
         ({"train": {"memory_budget": "1MiB"}}, {}),
-        ({"train": {"lr": 0.0002}}, {"train": 4, "report": 1, **SCORED}),
+        ({"train": {"lr": 0.0002}}, {"train": 4, "report": 1, **SCORED, **VIEWER}),
         ({"train": {"asmil": {"beta": 0.5}}}, {"train": 2, "report": 1, "attention": 1, "heatmap_attention": 1,
                                                "heatmap": 8, "localisation": 1, "predict_attention": 1,
-                                               "predict_heatmap": 1, "predict": 1}),
+                                               "predict_heatmap": 1, "predict": 1, **VIEWER}),
         ({"train": {"abmil": {"hidden": 64}}}, {"train": 2, "report": 1, "attention": 1, "localisation": 1,
                                                 "predict_attention": 1, "predict_heatmap": 1, "predict": 1}),
         # Drawing settings re-draw (and re-report: the page embeds heatmaps), never re-score.
-        ({"heatmap": {"cmap": "magma"}}, {"heatmap": 8, "heatmap_legend": 1, "predict_heatmap": 2, "report": 1}),
+        ({"heatmap": {"cmap": "magma"}}, {"heatmap": 8, "heatmap_legend": 1, "predict_heatmap": 2, "report": 1, **VIEWER}),
         ({"heatmap": {"localisation": {"threshold": "top_q"}}}, {"localisation": 2, "report": 1}),
+        # Viewer settings re-draw the viewer's pyramids only; without the viewer the report drops its link.
+        ({"viewer": {"overlay_mpp": 4.0}}, {**VIEWER, "report": 1}),
+        ({"viewer": {"enabled": False}}, {"report": 1}),
         ({"heatmap": {"fold": "ensemble"}}, {"attention": 2, "heatmap_attention": 1, "heatmap": 8, "localisation": 2,
-                                             "report": 1}),
+                                             "report": 1, **VIEWER}),
         # A denser grid for the drawn slides tiles, embeds and scores it, never the training grid;
         # overlap 0 draws the training grid's scores again.
-        ({"heatmap": {"overlap": 0.75}}, {**DENSE_TILE, "heatmap_attention": 1, "heatmap": 8, "report": 1}),
-        ({"heatmap": {"overlap": 0.0}}, {"heatmap": 8, "report": 1}),
+        ({"heatmap": {"overlap": 0.75}}, {**DENSE_TILE, "heatmap_attention": 1, "heatmap": 8, "report": 1, **VIEWER}),
+        ({"heatmap": {"overlap": 0.0}}, {"heatmap": 8, "report": 1, **VIEWER}),
         ({"heatmap": {"device": "cpu"}}, {}),
         ({"predict": {"fold": 1}}, {"predict_attention": 2, "predict_heatmap": 2, "predict": 1, "report": 1}),
         # A model added trains, scores and reports alone; settings of a model not trained change nothing.
@@ -252,8 +266,8 @@ def test_nothing_to_do_after_a_run(finished_run: tuple[Path, dict]) -> None:
         ({"train": {"transmil": {"dim": 64}}}, {}),
     ],
     ids=["segment", "tiling", "features", "speed-only", "train-speed-only", "train", "asmil-only", "abmil-only",
-         "heatmap", "localisation", "scoring-fold", "dense-grid", "training-grid", "scoring-device", "predict-fold",
-         "model-added", "untrained-model"],
+         "heatmap", "localisation", "viewer", "viewer-off", "scoring-fold", "dense-grid", "training-grid",
+         "scoring-device", "predict-fold", "model-added", "untrained-model"],
 )
 def test_config_edit_reruns_exactly_the_affected_stages(
     finished_run: tuple[Path, dict], edit: dict, expected: dict[str, int]
@@ -277,7 +291,7 @@ def test_encoder_change_reruns_features_onwards_and_keeps_the_old_features(finis
     proc = snakemake("-n", config=deep_merge(config, {"features": {"encoder": "vit_small", "weights": "random"}}), tmp=tmp)
     # the 8 slides are one batch (features.slides_per_job: auto), the new slide another; so are their dense tiles
     assert planned_rules(proc) == {"features": 1, "heatmap_features": 1, "train": 4, "report": 1, **SCORED,
-                                   "predict_features": 1}
+                                   "predict_features": 1, **VIEWER}
     outputs = planned_outputs(proc)
     assert str(out / "features" / "0.5mpp_224px" / "vit_small" / "batches" / "0-of-1.json") in outputs
     # the new encoder's stores go beside the old ones, which no job touches

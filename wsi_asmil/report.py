@@ -272,6 +272,7 @@ def write_report(
     inventory: str | Path | None = None,
     new_predictions: str | Path | None = None,
     sample: int = 6,
+    viewer: str | None = None,
 ) -> dict[str, Any]:
     """Write every report file; returns the metrics.json content."""
     report, predictions = gather(models_dir, models, n_folds)
@@ -311,8 +312,11 @@ def write_report(
                 if side.is_file():
                     area[s] = float(json.loads(side.read_text()).get("tumour_area_um2", 0.0))
         chosen = choose_sample(drawn, sample, area, labels)
-        sections.append(("Heatmaps", heatmap_section(hdir, heatmap_models, chosen, tdir if area else None, loc, labels,
-                                                     hdir / "legend.png")))
+        heatmaps = heatmap_section(hdir, heatmap_models, chosen, tdir if area else None, loc, labels, hdir / "legend.png")
+        if viewer:
+            heatmaps = (f"<p><a href='{H.esc(viewer)}'>Open these slides in the zoomable viewer</a>: the slide, "
+                        "each model's heat (toggle, opacity) and the truth outline, panned and zoomed.</p>") + heatmaps
+        sections.append(("Heatmaps", heatmaps))
     sections.append(("Test predictions", predictions_html(predictions)))
     if new_predictions and Path(new_predictions).is_file():
         newp = pd.read_csv(new_predictions, dtype={"slide_id": str}, keep_default_na=False)
@@ -429,12 +433,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--inventory", default=None, help="inventory CSV (slides left out)")
     p.add_argument("--new-predictions", default=None, help="predict/predictions.csv")
     p.add_argument("--sample", type=int, default=6, help="slides whose heatmaps the page shows")
+    p.add_argument("--viewer", default=None, help="the zoomable viewer's page, relative to the report (linked)")
     args = p.parse_args(argv)
     setup_logging()
     write_report(
         args.models_dir, args.models, args.folds, args.out_dir, localisation=args.localisation,
         heatmaps_dir=args.heatmaps_dir, heatmap_models=args.heatmap_models, truth_dir=args.truth_dir,
         split_json=args.split, inventory=args.inventory, new_predictions=args.new_predictions, sample=args.sample,
+        viewer=args.viewer,
     )
 
 

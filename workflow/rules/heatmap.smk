@@ -45,6 +45,8 @@ DENSE_LAYOUT = RunLayout(OUT, DENSE_TILING, ENCODER)
 DENSE_FEATURES = DENSE_LAYOUT.features()
 DENSE_MARKER = f"{DENSE_LAYOUT.features_dir}/batches/{{batch}}.json"
 DENSE_SCORES_DIR = f"{OUT}/heatmaps/{{model}}/scores_{DENSE_TILING}"
+#: The scores the drawn models' heatmaps and viewer overlays are painted from.
+DRAW_SCORES_DIR = DENSE_SCORES_DIR if DENSE else SCORES_DIR
 
 # Ground truth: per-slide files in localisation.annotations, else the demo's exact masks.
 if LOCALISATION["annotations"] is not None:
@@ -200,7 +202,7 @@ if DENSE:
 rule heatmap:
     input:
         slide=slide_path,
-        scores=DENSE_SCORES_DIR if DENSE else SCORES_DIR,
+        scores=DRAW_SCORES_DIR,
         mask=rules.segment.output.mask if HEATMAP["clip_to_tissue"] else [],
         meta=rules.segment.output.meta if HEATMAP["clip_to_tissue"] else [],
     output:

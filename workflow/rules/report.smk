@@ -1,6 +1,7 @@
 # The report: metrics, predictions, instability curves, localisation and a sample of heatmaps in one
-# self-contained HTML page. Names defined in heatmap.smk and predict.smk (included later) are used
-# inside functions, which Snakemake evaluates once every rule file is read.
+# self-contained HTML page, linked to the zoomable viewer when it is on. Names defined in heatmap.smk,
+# predict.smk and viewer.smk (included later) are used inside functions, which Snakemake evaluates
+# once every rule file is read.
 
 
 rule report:
@@ -16,6 +17,7 @@ rule report:
         heatmaps=lambda wc: expand(f"{HEATMAP_DIR}/{{slide}}.png", model=HEATMAP_MODELS, slide=usable(TRAIN_IDS)),
         legend=lambda wc: LEGEND,
         new=lambda wc: f"{PREDICT_OUT}/predictions.csv" if PREDICT_ON else [],
+        viewer=lambda wc: f"{REPORT}/viewer.html" if VIEWER_ON else [],
     output:
         metrics=f"{REPORT}/metrics.json",
         predictions=f"{REPORT}/predictions.csv",
@@ -32,6 +34,7 @@ rule report:
             "--sample", str(HEATMAP["report_sample"]), "--localisation", *input.localisation,
             *(["--truth-dir", TRUTH_DIR] if LOCALISE else []),
             *(["--new-predictions", input.new] if PREDICT_ON else []),
+            *(["--viewer", "viewer.html"] if VIEWER_ON else []),
         ]),
         version=VERSION,
     conda:
