@@ -46,7 +46,6 @@ shrink it, as training's and feature extraction's out-of-memory errors do.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 from dataclasses import dataclass
@@ -55,12 +54,12 @@ from typing import Any
 
 import cv2
 import numpy as np
-import pandas as pd
 
 from wsi_asmil.canvas import Grid, blend, blur_halo, colour_table, heat_window, tile_spans
 from wsi_asmil.cli import optional_float, setup_logging
 from wsi_asmil.io import atomic_path, write_image
 from wsi_asmil.masks import read_tissue_mask
+from wsi_asmil.scores import JSON_SUFFIX, read_scores, slide_id_of
 from wsi_asmil.memory import is_out_of_memory
 from wsi_asmil.slide import Slide
 from wsi_asmil.tile_geojson import OBJECT_TYPES, write_tile_geojson
@@ -247,11 +246,9 @@ def write_legend(path: str | Path, mode: str, cmap: str, uniform_range: float = 
 
 
 def load_scores(scores_csv: str | Path, scores_json: str | Path | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """(coords (M, 2), scores (M,), scoring record) written by ``wsi_asmil.scoring``."""
-    table = pd.read_csv(scores_csv)
-    meta_path = Path(scores_json) if scores_json else Path(str(scores_csv)[: -len(".csv")] + ".json")
-    meta = json.loads(meta_path.read_text())
-    return table[["x", "y"]].to_numpy(dtype=np.int64), table["score"].to_numpy(dtype=np.float64), meta
+    """(coords (M, 2), scores (M,), scoring record) of a slide, read by ``wsi_asmil.scores``."""
+    scores = read_scores(scores_json or Path(scores_csv).with_name(f"{slide_id_of(scores_csv)}{JSON_SUFFIX}"))
+    return scores.coords, scores.scores, scores.meta
 
 
 def draw_slide(
@@ -283,7 +280,7 @@ def draw_slide(
     written: list[Path] = []  # outputs in place, removed if a later step fails
     overlay: dict[str, Any] = {}  # the overlay's size once known, for an out-of-memory message
     try:
-        extent = float(meta.get("tile_extent") or 0.0)
+        extent = float(meta["tile_extent"])
         values = normalize(scores, style.normalize, style.uniform_range)
         tissue = tissue_ds = None
         if style.clip_to_tissue and tissue_mask is not None:
@@ -299,8 +296,8 @@ def draw_slide(
             write_image(out_image, image)
             written.append(Path(out_image))
             if out_gallery is not None:
-                target = float(meta.get("target_mpp") or slide.mpp)
-                size = int(meta.get("tile_size") or max(1, round(extent)))
+                target = float(meta["target_mpp"])
+                size = int(meta["tile_size"])
                 write_image(out_gallery, topk_gallery(slide, coords, scores, top_k, target, size))
                 written.append(Path(out_gallery))
             if out_tiff is not None:
@@ -316,7 +313,7 @@ def draw_slide(
             path.unlink(missing_ok=True)
         if not isinstance(exc, Exception) or not is_out_of_memory(exc):
             raise
-        sid = meta.get("slide_id") or Path(scores_csv).name.removesuffix("_scores.csv")
+        sid = meta["slide_id"]
         size = f", an overlay of {overlay['width']}x{overlay['height']} px" if overlay else ""
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         tiff = (tiff_mpp or overlay.get("mpp")) if out_tiff is not None else None

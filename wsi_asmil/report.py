@@ -33,6 +33,8 @@ from wsi_asmil.cli import setup_logging
 from wsi_asmil.io import write_csv, write_json, write_text
 from wsi_asmil.localisation import summarise
 from wsi_asmil.masks import read_tumour_mask
+from wsi_asmil.run_layout import fold_checkpoint, link_from_report
+from wsi_asmil.scores import read_meta, scores_paths
 from wsi_asmil.metrics import summarize
 
 log = logging.getLogger(__name__)
@@ -59,7 +61,7 @@ PAIRED_METRICS = ("dice", "iou", "dice_topq", "coverage_tumour_k", "tile_auc", "
 
 
 def fold_dir(models_dir: Path, model: str, fold: int) -> Path:
-    return models_dir / model / f"fold{fold}"
+    return fold_checkpoint(models_dir / model, fold).parent
 
 
 def gather(models_dir: str | Path, models: list[str], n_folds: int) -> tuple[dict[str, Any], pd.DataFrame]:
@@ -210,7 +212,7 @@ def choose_sample(candidates: Sequence[str], n: int, tumour_area: dict[str, floa
 
 def heatmap_section(
     heatmaps_dir: Path, models: Sequence[str], sample: Sequence[str], truth_dir: Path | None,
-    loc: pd.DataFrame, labels: dict[str, str], legend: Path | None, width: int = 340,
+    loc: pd.DataFrame, labels: dict[str, str], legend: Path | None, report_dir: Path, width: int = 340,
 ) -> str:
     """A grid of the sampled slides (rows) by model (columns), truth outlined, linked to the full PNGs."""
     if not sample:
@@ -232,8 +234,8 @@ def heatmap_section(
             if not png.is_file():
                 cells.append(f"<div class='cell'>{H.esc(model)}: no heatmap</div>")
                 continue
-            meta_path = heatmaps_dir / model / "scores" / f"{sid}_scores.json"
-            meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+            meta_path = scores_paths(heatmaps_dir / model / "scores", sid)[1]
+            meta = read_meta(meta_path) if meta_path.is_file() else {}
             img = cv2.cvtColor(cv2.imread(str(png), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
             size = tuple(meta.get("slide_dimensions") or (img.shape[1], img.shape[0]))
             shown = H.outlined(img, size, width, truth, truth_ds)
@@ -244,7 +246,7 @@ def heatmap_section(
             if len(row) and bool(row.iloc[0].get("has_tumour", False)):
                 r = row.iloc[0]
                 caption.append(f"Dice {H.fmt(float(r['dice']))} · cov@k {H.fmt(float(r['coverage_tumour_k']))}")
-            href = H.esc(f"../heatmaps/{model}/{sid}.png")
+            href = H.esc(link_from_report(report_dir, png))
             cells.append(
                 f"<div class='cell'><a href='{href}'><img alt='{H.esc(sid)} {H.esc(model)}' src='{H.image_data_uri(shown)}'></a>"
                 f"<br>{'<br>'.join(caption)}</div>"
@@ -312,7 +314,7 @@ def write_report(
                 if side.is_file():
                     area[s] = float(json.loads(side.read_text()).get("tumour_area_um2", 0.0))
         chosen = choose_sample(drawn, sample, area, labels)
-        heatmaps = heatmap_section(hdir, heatmap_models, chosen, tdir if area else None, loc, labels, hdir / "legend.png")
+        heatmaps = heatmap_section(hdir, heatmap_models, chosen, tdir if area else None, loc, labels, hdir / "legend.png", out)
         if viewer:
             heatmaps = (f"<p><a href='{H.esc(viewer)}'>Open these slides in the zoomable viewer</a>: the slide, "
                         "each model's heat (toggle, opacity) and the truth outline, panned and zoomed.</p>") + heatmaps

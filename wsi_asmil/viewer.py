@@ -42,9 +42,9 @@ from wsi_asmil.heatmap import (
     Style,
     load_scores,
     normalize,
-    read_tissue,
 )
 from wsi_asmil.io import atomic_path, write_json, write_text
+from wsi_asmil.masks import read_tissue_mask, read_tumour_mask
 from wsi_asmil.slide import RegionReadError, Slide
 
 log = logging.getLogger(__name__)
@@ -163,7 +163,10 @@ def build_slide(
     out_dir = Path(out_dir)
     style = style or Style()
     lut = colour_table(style.cmap)
-    tissue, tissue_ds = read_tissue(tissue_mask, None) if style.clip_to_tissue and tissue_mask else (None, None)
+    tissue = tissue_ds = None
+    if style.clip_to_tissue and tissue_mask:
+        tissue, tissue_info = read_tissue_mask(tissue_mask)
+        tissue_ds = float(tissue_info["downsample"])
     with Slide(slide_path, mpp_override, mpp_fallback) as slide, atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
         if slide_mpp < slide.mpp:
@@ -178,17 +181,14 @@ def build_slide(
         for model, csv in scores.items():
             coords, raw, meta = load_scores(csv)
             values = normalize(raw, style.normalize, style.uniform_range)
-            render = heat_renderer(coords, float(meta.get("tile_extent") or 0.0), values, lut, slide.mpp,
+            render = heat_renderer(coords, float(meta["tile_extent"]), values, lut, slide.mpp,
                                    style.blur_um, tissue, tissue_ds)
             source, n = write_dzi(tmp, f"heat_{model}", over, render, "png")
             layers.append({"kind": "heat", "name": model, "source": source})
             log.info("slide '%s': %s heat layer %dx%d px, %d tiles", slide.slide_id, model, over.width, over.height, n)
         if truth_png is not None:
-            truth = cv2.imread(str(truth_png), cv2.IMREAD_GRAYSCALE)
-            if truth is None:
-                raise FileNotFoundError(f"slide '{slide.slide_id}': cannot read truth mask {truth_png}")
-            truth_ds = float(json.loads(Path(truth_png).with_suffix(".json").read_text())["downsample"])
-            layers.append({"kind": "truth", "name": "truth", "path": outline_path(truth > 0, truth_ds)})
+            truth, side = read_tumour_mask(truth_png)
+            layers.append({"kind": "truth", "name": "truth", "path": outline_path(truth, float(side["downsample"]))})
         record = {"slide_id": slide.slide_id, "mpp": slide.mpp, "slide_dimensions": list(slide.dimensions),
                   "slide_layer_mpp": base.downsample * slide.mpp, "overlay_mpp": over.downsample * slide.mpp,
                   "layers": layers}
