@@ -34,6 +34,9 @@ include: "workflow/rules/viewer.smk"
 rule all:
     input:
         all_outputs,
+        # its own function: it waits for the viewer's sample checkpoint, and only its own files
+        # may wait (a dry run still plans every other job)
+        lambda wc: viewer_targets(),
     default_target: True
 
 

@@ -82,6 +82,11 @@ def test_job_chatter_becomes_a_few_progress_lines() -> None:
     progress = [ln for ln in lines if ln.startswith("progress:")]
     assert progress[0] == "progress: 1/100 jobs (1%)" and progress[-1] == "progress: 100/100 jobs (100%)"
     assert len(progress) == 11
+    replanned = io.StringIO()
+    filter_stream(io.StringIO("1 of 3 steps (33%) done\n3 of 30 steps (10%) done\n9 of 30 steps (30%) done\n"),
+                  replanned, tty=False)
+    assert replanned.getvalue().splitlines() == ["progress: 1/3 jobs (33%)", "progress: 3/30 jobs (10%)",
+                                                 "progress: 9/30 jobs (30%)"]
     assert "Job stats:" in lines and not any("in/3.txt" in ln for ln in lines)
     assert lines[-1] == "wsi-asmil: report: out/report/index.html"
     assert len(lines) < 30 < len(SNAKEMAKE_OUTPUT.splitlines()) / 10

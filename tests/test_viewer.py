@@ -34,6 +34,7 @@ from wsi_asmil import vendor, viewer
 from wsi_asmil.canvas import Grid, colour_table
 from wsi_asmil.deepzoom import DZI_NS, Pyramid, write_dzi, write_tiles
 from wsi_asmil.heatmap import Style, normalize, render
+from wsi_asmil.scores import ScoresFormatError
 from wsi_asmil.io import write_json
 from wsi_asmil.slide import Slide
 
@@ -215,7 +216,7 @@ def build(root: Path, report: Path) -> tuple[dict[str, Path], dict]:
     case = small_case(root)
     record = viewer.build_slide(case["slide"], report / viewer.SLIDES_FOLDER / case["slide"].stem,
                                 {"asmil": case["scores"], "abmil": case["scores"]},
-                                style=Style(cmap="jet"), slide_mpp=1.0, overlay_mpp=2.0,
+                                style=Style(normalize="rank", cmap="jet"), slide_mpp=1.0, overlay_mpp=2.0,
                                 tissue_mask=case["mask"], truth_png=case["truth"])
     return case, record
 
@@ -244,7 +245,7 @@ def test_slide_folder_holds_every_layer(tmp_path: Path) -> None:
 def test_a_failed_build_leaves_no_folder(tmp_path: Path) -> None:
     case = small_case(tmp_path)
     out = tmp_path / "report" / "viewer" / "slides" / "s"
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ScoresFormatError, match="missing"):
         viewer.build_slide(case["slide"], out, {"asmil": tmp_path / "missing_scores.csv"})
     assert not out.exists() and not list(out.parent.iterdir())
 

@@ -133,6 +133,7 @@ def filter_stream(lines: Iterable[str], out: TextIO, tty: bool) -> None:
     in_banner = False
     held: list[str] = []
     shown = -10
+    planned = 0
     progress_open = False
 
     def emit(text: str) -> None:
@@ -165,6 +166,8 @@ def filter_stream(lines: Iterable[str], out: TextIO, tty: bool) -> None:
         step = _PROGRESS.match(line)
         if step:
             done, total, pct = (int(g) for g in step.groups())
+            if total != planned:  # a checkpoint re-planned the run: the percentages start again
+                planned, shown = total, -10
             if tty:
                 out.write(f"\rprogress: {done}/{total} jobs ({pct}%)")
                 progress_open = True

@@ -115,5 +115,4 @@ def all_outputs(wildcards=None):
         f"{REPORT}/index.html",
         *heatmap_targets(),  # heatmap.smk: drawn heatmaps, legend, localisation
         *predict_targets(),  # predict.smk: predictions and heatmaps of new slides
-        *viewer_targets(),  # viewer.smk: the report's zoomable viewer
     ]
