@@ -52,13 +52,14 @@ import torch
 from wsi_asmil import store
 from wsi_asmil.encoders import build_encoder
 from wsi_asmil.devices import resolve_device, usable_cores
-from wsi_asmil.features import Embedder, ReadPlan, TileDataset, _as_batch, loader_settings, use_bf16
+from wsi_asmil.features import Embedder, TileDataset, _as_batch, loader_settings, use_bf16
 from wsi_asmil.segment import SegmentParams, segment_slide
 from wsi_asmil.slide import Slide
 from wsi_asmil.synthetic import SlideSpec, write_slide
 from wsi_asmil.synthetic.aperio import TIFF_OPTIONS
 from wsi_asmil.tiff_jpeg import JpegTiledLevel
 from wsi_asmil.tile import TileParams, tile_slide
+from wsi_asmil.tile_reader import ReadPlan
 
 TILE = 256
 CAMELYON = (100_096, 80_128)
@@ -381,7 +382,7 @@ def main() -> None:
         results["reader"] = reader_ceiling(slide, coords, plan, args.workers, args.batch_size, n)
         print(f"reader ({plan.reader}), no model", results["reader"], flush=True)
         if plan.reader != "openslide":
-            via_openslide = ReadPlan(plan.level, plan.downsample, plan.read_size, "openslide")
+            via_openslide = plan.via_openslide()
             results["reader_openslide"] = reader_ceiling(slide, coords, via_openslide, args.workers, args.batch_size, n)
             print("reader (openslide), no model", results["reader_openslide"], flush=True)
     for encoder in args.encoders:

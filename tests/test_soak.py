@@ -107,7 +107,15 @@ def test_soak_cohort_of_50_slides_on_2_cores(tmp_path: Path) -> None:
     # peak memory per rule, from the benchmark files
     table = peak_memory(out / "benchmarks")
     assert {"segment", "tile", "features", "train"} <= set(table.index)
-    assert table.loc[["segment", "tile", "features"], "jobs"].min() == len(usable)
+    bench = out / "benchmarks"
+    assert len(list((bench / "segment").glob("*.tsv"))) == len(usable)
+    assert len(list((bench / "tile" / TILING).glob("*.tsv"))) == len(usable)
+    # features run in batches of slides: one job per batch marker, and the markers hold every slide
+    markers = sorted((out / "features" / TILING / WORKFLOW_ENCODER / "batches").glob("*.json"))
+    assert 1 < len(markers) < len(usable)
+    assert len(list((bench / "features" / TILING / WORKFLOW_ENCODER).glob("*.tsv"))) == len(markers)
+    members = [sid for m in markers for sid in json.loads(m.read_text())["members"]]
+    assert set(usable) <= set(members) and len(members) == len(set(members))
     summary = {"slides": len(usable), "empty_slides": empty, "generate_s": round(generated, 1), "workflow_s": round(workflow_seconds, 1),
                "peak_memory": table.round(1).reset_index().to_dict(orient="records")}
     (tmp_path / "soak_summary.json").write_text(json.dumps(summary, indent=2))

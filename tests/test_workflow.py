@@ -258,7 +258,7 @@ def test_nothing_to_do_after_a_run(finished_run: tuple[Path, dict]) -> None:
         # overlap 0 draws the training grid's scores again.
         ({"heatmap": {"overlap": 0.75}}, {**DENSE_TILE, "heatmap_attention": 1, "heatmap": 8, "report": 1, **VIEWER}),
         ({"heatmap": {"overlap": 0.0}}, {"heatmap": 8, "report": 1, **VIEWER}),
-        ({"heatmap": {"device": "cpu"}}, {}),
+        ({"heatmap": {"device": "cpu", "threads": 1}}, {}),
         ({"predict": {"fold": 1}}, {"predict_attention": 2, "predict_heatmap": 2, "predict": 1, "report": 1}),
         # A model added trains, scores and reports alone; settings of a model not trained change nothing.
         ({"train": {"models": ["asmil", "abmil", "transmil"]}}, {"train": 2, "attention": 1, "localisation": 1, "report": 1,
@@ -267,12 +267,27 @@ def test_nothing_to_do_after_a_run(finished_run: tuple[Path, dict]) -> None:
     ],
     ids=["segment", "tiling", "features", "speed-only", "train-speed-only", "train", "asmil-only", "abmil-only",
          "heatmap", "localisation", "viewer", "viewer-off", "scoring-fold", "dense-grid", "training-grid",
-         "scoring-device", "predict-fold", "model-added", "untrained-model"],
+         "scoring-speed-only", "predict-fold", "model-added", "untrained-model"],
 )
 def test_config_edit_reruns_exactly_the_affected_stages(
     finished_run: tuple[Path, dict], edit: dict, expected: dict[str, int]
 ) -> None:
     assert rerun_plan(finished_run, edit) == expected
+
+
+def test_scoring_jobs_take_the_heatmap_sections_threads(finished_run: tuple[Path, dict]) -> None:
+    """Cohort and new-slide scoring are one rule (predict_attention reuses attention): both take
+    heatmap.threads, not train.threads, and only the cohort's, whose folds hold it, reads the split."""
+    tmp, config = finished_run
+    edit = {"heatmap": {"threads": 1}, "train": {"threads": 2}}
+    proc = snakemake("-n", "-p", "--forcerun", "attention", "heatmap_attention", "predict_attention", config=deep_merge(config, edit), tmp=tmp)
+    commands = [line.strip().removeprefix("Shell command:").strip()
+                for line in (proc.stdout + proc.stderr).splitlines() if "-m wsi_asmil.scoring" in line]
+    cohort = [c for c in commands if "/predict/" not in c.split("--out-dir")[1]]
+    new = [c for c in commands if "/predict/" in c.split("--out-dir")[1]]
+    assert len(cohort) == 3 and len(new) == 2, commands
+    assert all(c.startswith("OMP_NUM_THREADS=1 ") for c in commands), commands
+    assert all("--split " in c for c in cohort) and not any("--split" in c for c in new)
 
 
 def planned_outputs(proc: subprocess.CompletedProcess) -> list[str]:

@@ -2,8 +2,8 @@
 
 The CPU side only reads and decodes uint8 tiles, in DataLoader worker processes that each keep one
 handle on the slide and read whole batches in slide order. Where the read level is a JPEG-tiled
-TIFF level (Aperio SVS, generic TIFF), workers decode the file's own JPEG tiles directly
-(:mod:`wsi_asmil.tiff_jpeg`), each about once; everything else goes through OpenSlide. Resizing
+TIFF level (Aperio SVS, generic TIFF) that agrees with OpenSlide, workers decode the file's own
+JPEG tiles directly, each about once; :mod:`wsi_asmil.tile_reader` makes that choice. Resizing
 to the encoder's input, conversion to float, normalisation, channels_last and bf16 autocast run on
 the compute device, where they are cheap, and the device runs a batch ahead of the host, which
 collects results one batch late so the device never waits on the copy back.
@@ -32,7 +32,6 @@ import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,84 +48,23 @@ from wsi_asmil.devices import resolve_device, usable_cores
 from wsi_asmil.encoders import Encoder, build_encoder
 from wsi_asmil.memory import is_out_of_memory
 from wsi_asmil.slide import RegionReadError, Slide, SlideError
-from wsi_asmil.tiff_jpeg import JpegTiledLevel
+from wsi_asmil.tile_reader import ReadPlan, TileReader
 
 log = logging.getLogger(__name__)
 
 #: More undecodable tiles than this share of a slide's tiles fails the slide: the file is damaged
 #: (truncated, corrupt), and features of what is left would silently misrepresent it.
 MAX_FAILED_FRACTION = 0.5
-#: Mean absolute difference (8-bit levels) between 8 x 8-pixel block means of the direct JPEG
-#: reader's tile and OpenSlide's, above which the direct reader is not trusted for a slide. A wrong
-#: colour space or table differs by tens of levels. Block means, because where a level's downsample
-#: is not an integer (4.0002 on many scanners) OpenSlide places a level-0 origin at a fractional
-#: level pixel and resamples, while the direct reader starts at the nearest whole pixel: up to half
-#: a pixel apart, which moves single pixels of textured tissue by several levels but block means
-#: by a fraction of one.
-DIRECT_READER_TOLERANCE = 1.5
 
 
 class FeatureExtractionError(RuntimeError):
     """Feature extraction of one slide failed; the message names the slide and what to do."""
 
 
-@dataclass(frozen=True)
-class ReadPlan:
-    """How a slide's tiles are read: level, raw size at that level and the reader to use.
-
-    The raw read covers the tile's physical field at the read level; the device resizes it to the
-    encoder's input size when the two differ, so both compute paths see identical pixels.
-    """
-
-    level: int
-    downsample: float
-    read_size: tuple[int, int]
-    reader: str  # "jpeg-direct" or "openslide"
-
-    @classmethod
-    def for_slide(
-        cls, slide: Slide, coords: np.ndarray, field_mpp: float, size: int, level: int, reader: str
-    ) -> "ReadPlan":
-        scale = field_mpp / slide.level_mpp(level)
-        side = max(1, int(round(size * scale)))
-        plan = cls(level, float(slide.level_downsamples[level]), (side, side), "openslide")
-        if reader == "auto" and len(coords):
-            direct = JpegTiledLevel.find(slide.path, slide.level_dimensions[level])
-            if direct is not None and plan._agrees(direct, slide, coords[len(coords) // 2]):
-                return cls(plan.level, plan.downsample, plan.read_size, "jpeg-direct")
-        return plan
-
-    def _agrees(self, direct: JpegTiledLevel, slide: Slide, xy: np.ndarray) -> bool:
-        try:
-            ours = _block_means(self.read_direct(direct, int(xy[0]), int(xy[1])))
-            theirs = _block_means(slide.read_rgb(self.level, int(xy[0]), int(xy[1]), *self.read_size))
-        except (RegionReadError, ValueError, OSError) as exc:
-            log.info("slide '%s': direct JPEG reads not used (%s)", slide.slide_id, exc)
-            return False
-        diff = float(np.abs(ours - theirs).mean())
-        if diff > DIRECT_READER_TOLERANCE:
-            log.warning(
-                "slide '%s': direct JPEG decode differs from OpenSlide by %.1f levels on average; "
-                "reading through OpenSlide", slide.slide_id, diff,
-            )
-            return False
-        return True
-
-    def read_direct(self, direct: JpegTiledLevel, x0: int, y0: int) -> np.ndarray:
-        lx, ly = int(round(x0 / self.downsample)), int(round(y0 / self.downsample))
-        return direct.read(lx, ly, *self.read_size)
-
-
-def _block_means(rgb: np.ndarray, block: int = 8) -> np.ndarray:
-    h, w = (rgb.shape[0] // block) * block, (rgb.shape[1] // block) * block
-    return rgb[:h, :w].reshape(h // block, block, w // block, block, 3).astype(np.float32).mean(axis=(1, 3))
-
-
 class TileDataset(Dataset):
     """uint8 (h, w, 3) tiles of one slide at the read level, fetched a whole batch at a time.
 
-    Handles (OpenSlide, or the direct JPEG reader's file descriptor) are opened on first use inside
-    each worker process: they do not survive pickling and must not be shared between processes.
+    Each worker process opens its own handles through its copy of the :class:`TileReader`.
     """
 
     def __init__(
@@ -137,42 +75,21 @@ class TileDataset(Dataset):
         mpp_override: float | None = None,
         mpp_fallback: float | None = None,
     ) -> None:
-        self.slide_path = str(slide_path)
         self.coords = coords
         self.plan = plan
-        self.mpp_override = mpp_override
-        self.mpp_fallback = mpp_fallback
-        self._slide: Slide | None = None
-        self._direct: JpegTiledLevel | None = None
+        self.reader = TileReader(slide_path, plan, mpp_override, mpp_fallback)
 
     def __len__(self) -> int:
         return len(self.coords)
 
-    def _open(self) -> None:
-        self._slide = Slide(self.slide_path, self.mpp_override, self.mpp_fallback)
-        if self.plan.reader == "jpeg-direct":
-            self._direct = JpegTiledLevel.find(self.slide_path, self._slide.level_dimensions[self.plan.level])
-
-    def _read(self, i: int) -> np.ndarray:
-        assert self._slide is not None
-        x, y = (int(v) for v in self.coords[i])
-        if self._direct is not None:
-            try:
-                return self.plan.read_direct(self._direct, x, y)
-            except ValueError:
-                pass  # let OpenSlide decide, and name the region, when the direct decode fails
-        return self._slide.read_rgb(self.plan.level, x, y, *self.plan.read_size)
-
     def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(uint8 tiles (B, h, w, 3), read ok (B,)); a tile that cannot be decoded is blank, not ok."""
-        if self._slide is None:
-            self._open()
         w, h = self.plan.read_size
         tiles = torch.empty((len(indices), h, w, 3), dtype=torch.uint8)
         ok = torch.ones(len(indices), dtype=torch.bool)
         for j, i in enumerate(indices):
             try:
-                tiles[j] = torch.from_numpy(self._read(int(i)))
+                tiles[j] = torch.from_numpy(self.reader.read(*(int(v) for v in self.coords[i])))
             except RegionReadError as exc:  # the handle was reopened; the next tile reads normally
                 log.warning("tile %d at level-0 (%d, %d) skipped: %s", i, *self.coords[i], exc)
                 tiles[j] = 0

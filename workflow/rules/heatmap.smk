@@ -121,8 +121,9 @@ rule attention:
         models_dir=lambda wc: LAYOUT.models(wc.model),
         fold=SCORE_FOLD,
         folds=len(FOLDS),
+        split=lambda wc, input: f"--split {shlex.quote(input.split)}",
         version=VERSION,
-    threads: config["train"]["threads"]
+    threads: config["heatmap"]["threads"]
     resources:
         gpu=gpus("heatmap"),
     conda:
@@ -134,7 +135,7 @@ rule attention:
     shell:
         "OMP_NUM_THREADS={threads} {PY} -m wsi_asmil.scoring --features {params.stores:q}"
         " --models-dir {params.models_dir:q} --model-name {wildcards.model} --folds {params.folds}"
-        " --fold {params.fold} --split {input.split:q} --device {config[heatmap][device]}"
+        " --fold {params.fold} {params.split} --device {config[heatmap][device]}"
         " --out-dir {output:q} > {log:q} 2>&1"
 
 

@@ -160,7 +160,7 @@ if PREDICT_FOLDER:
             f"{OUT}/benchmarks/predict/features/{TILING}/{ENCODER}/batch-{{batch}}.tsv"
 
 
-rule predict_attention:
+use rule attention as predict_attention with:
     input:
         features=lambda wc: predict_markers(predict_ids()),
         models=fold_checkpoints,
@@ -168,23 +168,12 @@ rule predict_attention:
         directory(PRED_SCORES),
     params:
         stores=lambda wc: [predict_store(s) for s in predict_ids()],
-        models_dir=lambda wc: LAYOUT.models(wc.model),
         fold=str(PREDICT["fold"]),
-        folds=len(FOLDS),
-        version=VERSION,
-    threads: config["train"]["threads"]
-    resources:
-        gpu=gpus("heatmap"),
-    conda:
-        ENV
+        split="",
     log:
         f"{OUT}/logs/predict/attention/{{model}}.log",
     benchmark:
         f"{OUT}/benchmarks/predict/attention/{{model}}.tsv"
-    shell:
-        "OMP_NUM_THREADS={threads} {PY} -m wsi_asmil.scoring --features {params.stores:q}"
-        " --models-dir {params.models_dir:q} --model-name {wildcards.model} --folds {params.folds}"
-        " --fold {params.fold} --device {config[heatmap][device]} --out-dir {output:q} > {log:q} 2>&1"
 
 
 use rule heatmap as predict_heatmap with:
