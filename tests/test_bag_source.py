@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 import threading
 from pathlib import Path
 
@@ -26,6 +27,8 @@ from wsi_asmil.bag_source import (
     parse_budget,
     scan_slides,
 )
+from wsi_asmil import train as train_module
+from wsi_asmil.map_store import MapStore
 from wsi_asmil.models.norm import FeatureNorm
 from wsi_asmil.train import load_bags, load_fold, train_fold
 
@@ -178,21 +181,41 @@ def test_load_fold_streams_over_budget(witness) -> None:
     ("asmil", {"max_tiles": 30}),  # anchor, token dropout and tile subsets: every random number
     ("acmil", {}),  # branch masking, auxiliary loss
 ])
-def test_a_tiny_budget_streams_and_trains_to_identical_results(witness, tmp_path: Path, model: str, params: dict) -> None:
+def test_a_tiny_budget_streams_and_trains_to_identical_results(
+    witness, tmp_path: Path, model: str, params: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Same seed, same CPU: the streamed fold's loss curve, metrics, predictions, attention outputs
-    and weights equal the in-memory fold's exactly."""
+    and weights equal the in-memory fold's exactly. The streamed fold keeps each epoch's attention
+    maps on disk (in $TMPDIR, removed at the end), and gathers them from the device in small groups."""
     features_dir, split = witness
     params = {"epochs": 3, "lr": 2e-3, "seed": 5, **params}
+    scratch = tmp_path / "tmpdir"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    folders: dict[str, list[Path | None]] = {}
+
+    class RecordingStore(MapStore):
+        def __init__(self, folder: Path | None = None) -> None:
+            super().__init__(folder)
+            folders.setdefault(budget, []).append(folder)
+
+    monkeypatch.setattr(train_module, "MapStore", RecordingStore)
     runs = {}
     for budget in ("auto", "1KiB"):
         out = tmp_path / budget
+        if budget == "1KiB":
+            monkeypatch.setattr(train_module, "EVAL_GATHER_ELEMENTS", 1)  # one slide per copy to the host
         train_fold(features_dir, split, 0, model, {**params, "memory_budget": budget}, out, "cpu")
         runs[budget] = out
     memory, stream = runs["auto"], runs["1KiB"]
+    assert folders["auto"] == [None] * 3
+    assert len(folders["1KiB"]) == 3 and all(f is not None and scratch in f.parents for f in folders["1KiB"])
+    assert not list(scratch.glob("wsi-asmil-attention-maps-*"))
     for name in ("history.csv", "predictions.csv", "attention.csv", "instability.csv"):
         assert (memory / name).read_text() == (stream / name).read_text(), name
     history = pd.read_csv(stream / "history.csv")
     assert history["train_loss"].nunique() == 3  # a real curve, not a constant
+    assert history["jsd"].isna().tolist() == [True, False, False] and (history["jsd"][1:] > 0).all()
     m, s = (json.loads((run / "metrics.json").read_text()) for run in (memory, stream))
     assert m.pop("features_source")["mode"] == "memory"
     assert s.pop("features_source") == {"mode": "stream", "budget": "1KiB", "feature_bytes": m_bytes(features_dir, split)}

@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import random
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -48,6 +49,7 @@ from wsi_asmil.bag_source import (
 from wsi_asmil.cli import setup_logging
 from wsi_asmil.devices import resolve_device, to_device
 from wsi_asmil.io import atomic_path, write_csv, write_json
+from wsi_asmil.map_store import MapStore
 from wsi_asmil.memory import BagMemoryError, oom_guard
 from wsi_asmil.metrics import (
     attention_summary,
@@ -428,14 +430,15 @@ def train_one_epoch(
 class EvalResult:
     """One evaluation pass. ``attention`` is each slide's score map (M,), the mean of its
     attention maps; ``maps`` keeps every map (R, M) (head x token, branch) for the per-map
-    instability; ``summaries`` describe each slide's attention (:func:`attention_summary`)."""
+    instability (a :class:`MapStore`, possibly shared with another pass and on disk);
+    ``summaries`` describe each slide's attention (:func:`attention_summary`)."""
 
     slide_ids: list[str]
     labels: np.ndarray
     probs: np.ndarray
     loss: float
     attention: dict[str, np.ndarray]
-    maps: dict[str, np.ndarray]
+    maps: Mapping[str, np.ndarray]
     summaries: dict[str, dict[str, float]]
     n_positive: dict[str, int | None]
 
@@ -452,18 +455,49 @@ def mean_summaries(summaries: Mapping[str, Mapping[str, float]]) -> dict[str, fl
     return {key: stat["mean"] for key, stat in summarize(list(summaries.values())).items()}
 
 
+#: Attention values (maps and logits) an evaluation gathers on the device before one copy to the
+#: host: 64M floats, 256 MB each, so a large val or test set (ASMIL: 64 maps per tile) reaches the
+#: host in a few copies instead of one per slide or one of unbounded size.
+EVAL_GATHER_ELEMENTS = 1 << 26
+
+
 @torch.no_grad()
 def evaluate(
-    model: MILModel, bags: Sequence[Bag] | BagSource, n_classes: int, autocast: AutocastFactory
+    model: MILModel,
+    bags: Sequence[Bag] | BagSource,
+    n_classes: int,
+    autocast: AutocastFactory,
+    maps: MapStore | None = None,
 ) -> EvalResult:
     """Eval-mode probabilities, mean slide CE, and each slide's attention maps and their summary.
 
     The validation loss is the slide cross-entropy only: L_AS depends on the anchor, a training
-    device that would make losses of different anchor settings incomparable.
+    device that would make losses of different anchor settings incomparable. Each slide's maps go
+    into ``maps`` (a new in-memory store when None).
     """
     model.eval()
-    losses, probs, maps, logits_all = [], [], [], []
-    ids, labels, truths = [], [], []
+    store = MapStore() if maps is None else maps
+    losses, probs, ids, labels, truths = [], [], [], [], []
+    attention: dict[str, np.ndarray] = {}
+    summaries: dict[str, dict[str, float]] = {}
+    pending: list[tuple[str, np.ndarray | None, torch.Tensor, torch.Tensor]] = []
+    pending_elements = 0
+
+    def gather() -> None:
+        """Copy the pending slides' maps and logits to the host in one transfer and summarise them."""
+        nonlocal pending_elements
+        if not pending:
+            return
+        sizes = [int(w.shape[1]) for _, _, w, _ in pending]
+        host_maps = torch.cat([w for _, _, w, _ in pending], dim=1).cpu().split(sizes, dim=1)
+        host_logits = torch.cat([z for _, _, _, z in pending], dim=1).cpu().split(sizes, dim=1)
+        for (slide_id, truth, _, _), w, z in zip(pending, host_maps, host_logits):
+            store.put(slide_id, w.numpy())
+            attention[slide_id] = w.mean(dim=0).numpy()
+            summaries[slide_id] = attention_summary(w.numpy(), z.numpy(), truth)
+        pending.clear()
+        pending_elements = 0
+
     for bag in ordered(bags, range(len(bags))):  # each bag read once, when bags stream
         ids.append(bag.slide_id)
         labels.append(bag.label)
@@ -475,29 +509,22 @@ def evaluate(
         losses.append(F.cross_entropy(logits[None], bag.target[None]))
         probs.append(torch.softmax(logits, dim=-1))
         attn_logits = out["attn_logits"].float().flatten(0, 1)  # (R, M): one row per map
-        logits_all.append(attn_logits)
-        maps.append(torch.softmax(attn_logits, dim=-1))
-    attention: dict[str, np.ndarray] = {}
-    per_map: dict[str, np.ndarray] = {}
-    summaries: dict[str, dict[str, float]] = {}
+        pending.append((bag.slide_id, bag.truth, torch.softmax(attn_logits, dim=-1), attn_logits))
+        pending_elements += 2 * attn_logits.numel()
+        if pending_elements >= EVAL_GATHER_ELEMENTS:
+            gather()
+    gather()
     loss, probs_h = math.nan, np.zeros((0, n_classes))
-    if bags:  # results reach the host once per evaluation, not once per slide
+    if ids:
         loss = float(np.mean(torch.stack(losses).cpu().numpy().astype(np.float64)))
         probs_h = torch.stack(probs).cpu().numpy()
-        sizes = [int(w.shape[1]) for w in maps]
-        host_maps = torch.cat(maps, dim=1).cpu().split(sizes, dim=1)
-        host_logits = torch.cat(logits_all, dim=1).cpu().split(sizes, dim=1)
-        for slide_id, truth, w, z in zip(ids, truths, host_maps, host_logits):
-            per_map[slide_id] = w.numpy()
-            attention[slide_id] = w.mean(dim=0).numpy()
-            summaries[slide_id] = attention_summary(w.numpy(), z.numpy(), truth)
     return EvalResult(
         slide_ids=ids,
         labels=np.array(labels, dtype=np.int64),
         probs=probs_h,
         loss=loss,
         attention=attention,
-        maps=per_map,
+        maps=store,
         summaries=summaries,
         n_positive={s: None if t is None else int(t.sum()) for s, t in zip(ids, truths)},
     )
@@ -572,18 +599,21 @@ def run_epochs(trainer: Trainer, data: FoldData, label: str) -> RunResult:
         raise ValueError("epochs must be >= 1")
     n_classes = len(data.classes)
     rows: list[dict[str, float]] = []
-    previous: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None = None
+    previous: tuple[MapStore, dict[str, np.ndarray]] | None = None
     best: Snapshot | None = None
+    scratch = maps_scratch(data)
     bar = tqdm(range(1, epochs + 1), desc=label, disable=None)
     for epoch in bar:
         lr = float(trainer.scheduler.get_last_lr()[0])
         stats = train_one_epoch(trainer, data.bags["train"], desc=f"epoch {epoch}")
-        val = evaluate(trainer.model, data.bags["val"], n_classes, trainer.autocast)
-        test = evaluate(trainer.model, data.bags["test"], n_classes, trainer.autocast)
-        maps, pooled = {**val.maps, **test.maps}, {**val.attention, **test.attention}
+        maps = MapStore(None if scratch is None else Path(scratch.name) / f"epoch{epoch}")
+        val = evaluate(trainer.model, data.bags["val"], n_classes, trainer.autocast, maps)
+        test = evaluate(trainer.model, data.bags["test"], n_classes, trainer.autocast, maps)
+        pooled = {**val.attention, **test.attention}
         jsd = jsd_pooled = math.nan
         if previous is not None:
             jsd, jsd_pooled = mean_jsd(previous[0], maps), mean_jsd(previous[1], pooled)
+            previous[0].discard()
         previous = (maps, pooled)
         vm = val.metrics()
         rows.append({
@@ -608,10 +638,20 @@ def run_epochs(trainer: Trainer, data: FoldData, label: str) -> RunResult:
             state = {k: v.detach().cpu().clone() for k, v in trainer.model.state_dict().items()}
             snapshot = Snapshot(epoch, state, replace(val, maps={}), replace(test, maps={}), score)
             best = snapshot if is_best else best
+    if scratch is not None:
+        scratch.cleanup()
     if best is None:
         logger.warning("%s: no validation slides, selecting the last epoch", label)
         best = snapshot
     return RunResult(pd.DataFrame(rows), best, snapshot)
+
+
+def maps_scratch(data: FoldData) -> tempfile.TemporaryDirectory | None:
+    """A scratch folder (under $TMPDIR, node-local on most clusters) for the epochs' attention
+    maps when the fold streams its features from disk; None keeps them in memory."""
+    if data.source is None or data.source.get("mode") != "stream":
+        return None
+    return tempfile.TemporaryDirectory(prefix="wsi-asmil-attention-maps-")
 
 
 # --- outputs ---------------------------------------------------------------------------------------
