@@ -5,7 +5,8 @@ epoch's maps must outlive it. They are small beside the features for one map per
 bytes against 2 KiB of float32 features), not for ASMIL's 64 token maps (256 bytes per tile): 3,000
 val and test slides of 20,000 tiles hold 15 GB. A fold whose features stream from disk therefore
 keeps them on disk as well, one ``.npy`` per slide in a scratch folder, read back one slide at a
-time; a fold held in memory keeps them in memory, where they are an eighth of its features at most.
+time; a fold held in memory keeps them in memory (64 maps against 512-d features: an eighth of the
+val and test features' bytes).
 """
 
 from __future__ import annotations
