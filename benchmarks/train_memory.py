@@ -16,7 +16,8 @@ float16, rows chunked, compressed as the pipeline writes them):
 Each run is a fresh process (so its peak RSS, ``getrusage`` ``ru_maxrss``, is its own) that loads
 the fold as ``train_fold`` does, computes the standardisation statistics (dask over the stores) and
 trains ``--epochs`` epochs of ABMIL: one training pass over the training bags plus evaluation of
-validation and test, as ``run_epochs`` does. Bounded memory shows as a streamed peak RSS that does
+validation and test and the attention instability against the previous epoch (maps on disk when
+the fold streams), as ``run_epochs`` does. Bounded memory shows as a streamed peak RSS that does
 not grow with the cohort. The cohort is larger than the machine's free memory only when
 ``--large-slides`` makes it so (the script prints both); with the defaults it is several times the
 streaming budget instead. Timings on a shared machine are noisy: compare runs of one invocation.
@@ -79,10 +80,13 @@ def worker(root: Path, budget: str, epochs: int, threads: int) -> dict[str, Any]
     import dask.array  # noqa: F401  (imported before the clocks: the statistics' time is their work)
     import torch
 
+    from wsi_asmil.map_store import MapStore
+    from wsi_asmil.metrics import mean_jsd
     from wsi_asmil.train import (
         build_trainer,
         evaluate,
         load_fold,
+        maps_scratch,
         resolve_params,
         train_one_epoch,
     )
@@ -96,11 +100,17 @@ def worker(root: Path, budget: str, epochs: int, threads: int) -> dict[str, Any]
     trainer = build_trainer("abmil", data, params, device)  # the statistics: dask over the stores
     t2 = time.perf_counter()
     epoch_s, losses = [], []
+    scratch, previous = maps_scratch(data), None  # the attention maps kept for the instability, as run_epochs
     for epoch in range(epochs):
         start = time.perf_counter()
         losses.append(train_one_epoch(trainer, data.bags["train"], desc=f"epoch {epoch}")["loss"])
+        maps = MapStore(None if scratch is None else Path(scratch.name) / f"epoch{epoch}")
         for part in ("val", "test"):
-            evaluate(trainer.model, data.bags[part], len(data.classes), trainer.autocast)
+            evaluate(trainer.model, data.bags[part], len(data.classes), trainer.autocast, maps)
+        if previous is not None:
+            mean_jsd(previous, maps)
+            previous.discard()
+        previous = maps
         epoch_s.append(time.perf_counter() - start)
     return {"mode": data.source["mode"], "feature_bytes": data.source["feature_bytes"], "load_s": t1 - t0,
             "stats_s": t2 - t1, "epoch_s": epoch_s, "losses": losses, "peak_rss": peak_rss()}

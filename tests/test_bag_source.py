@@ -243,3 +243,24 @@ def test_the_command_line_budget_overrides_params(witness, tmp_path: Path) -> No
           "--params", json.dumps({"epochs": 1, "memory_budget": "auto"}), "--out-dir", str(tmp_path / "m"),
           "--device", "cpu", "--memory-budget", "0"])
     assert json.loads((tmp_path / "m" / "metrics.json").read_text())["features_source"]["mode"] == "stream"
+
+
+def test_train_memory_benchmark_runs(tmp_path: Path) -> None:
+    """benchmarks/train_memory.py at toy size, so the large unattended run is not broken by a change here."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "train_memory.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--scratch", str(tmp_path), "--fits-slides", "10", "--large-slides", "20",
+         "--tiles", "100", "--dim", "16", "--budget", "1KiB", "--epochs", "2", "--threads", "1",
+         "--json", str(tmp_path / "rows.json")],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert [(r["cohort"], r["budget"], r["mode"]) for r in rows] == [
+        ("fits", "auto", "memory"), ("fits", "0", "stream"), ("large", "1KiB", "stream"), ("large", "auto", "memory")]
+    assert rows[0]["losses"] == rows[1]["losses"] and rows[2]["losses"] == rows[3]["losses"]
+    assert all(len(r["epoch_s"]) == 2 and r["peak_rss"] > 0 and r["feature_bytes"] > 0 for r in rows)
+    assert "same losses streamed and in memory: True" in proc.stdout
