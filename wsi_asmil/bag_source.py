@@ -169,9 +169,9 @@ def _slide_sums(block: np.ndarray) -> np.ndarray:
 def feature_sums(entries: Sequence[SlideEntry]) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(sum, sum of squares, number of tiles) over every tile of ``entries``' stores, with dask.
 
-    The stores are opened as lazy dask arrays with one block per slide and combined into one
-    (2 x slides, D) collection of per-slide sums; the per-slide sums are added in slide order on the
-    host, the order ``FeatureNorm.fit`` adds its bags in. Memory: ``STAT_BATCH`` slides at most.
+    Each store is a lazy dask array with one block per slide, reduced to its per-slide sums; the
+    per-slide sums are added in slide order on the host, the order ``FeatureNorm.fit`` adds its bags
+    in. Memory: ``STAT_BATCH`` slides at most.
     """
     import dask
     import dask.array as da
@@ -184,21 +184,22 @@ def feature_sums(entries: Sequence[SlideEntry]) -> tuple[torch.Tensor, torch.Ten
     if len(dims) != 1:
         raise ValueError(f"feature dimensions differ between slides: {sorted(dims)}")
     dim = dims.pop()
-    sums = da.concatenate(
-        [
+
+    def batch_sums(batch: Sequence[SlideEntry]) -> np.ndarray:
+        slides = [
             da.from_zarr(store.lazy_features(e.store), chunks=(e.n_tiles, dim)).map_blocks(
                 _slide_sums, chunks=(2, dim), dtype=np.float64
             )
-            for e in entries
-        ],
-        axis=0,
-    )
-    # Computed a batch of slides at a time: the scheduler would otherwise read slides far ahead of
-    # their reduction (measured: peak memory growing with the number of slides).
-    batch = STAT_BATCH
+            for e in batch
+        ]
+        return da.concatenate(slides, axis=0).compute()
+
+    # One graph per batch of slides: the scheduler would otherwise read slides far ahead of their
+    # reduction (peak memory growing with the cohort), and slicing batches out of one cohort-wide
+    # graph costs time growing with the cohort per batch (7 minutes for 4,480 slides, measured).
     with dask.config.set(scheduler="threads", num_workers=STAT_WORKERS):
         per_slide = np.concatenate(
-            [sums[2 * i : 2 * (i + batch)].compute() for i in range(0, len(entries), batch)]
+            [batch_sums(entries[i : i + STAT_BATCH]) for i in range(0, len(entries), STAT_BATCH)]
         ).reshape(len(entries), 2, dim)
     total, squares = per_slide[0, 0], per_slide[0, 1]
     for row in per_slide[1:]:
