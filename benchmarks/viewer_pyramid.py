@@ -49,7 +49,10 @@ def ensure_slide(work: Path, width: int, height: int) -> Path:
 
 
 def fake_scores(work: Path, width: int, height: int, extent: float = 448.0) -> tuple[Path, int]:
-    """Random scores of every 224 px tile at 0.5 um/px (448 level-0 px) whose centre is on tissue."""
+    """Random scores of every 224 px tile at 0.5 um/px (448 level-0 px) whose centre is on tissue,
+    written as scoring writes a slide's scores (:func:`wsi_asmil.scores.write_scores`)."""
+    from wsi_asmil.scores import scores_paths, write_scores
+
     tissue = cv2.imread(str(work / "mask.png"), cv2.IMREAD_GRAYSCALE) > 0
     ds = json.loads((work / "mask.json").read_text())["downsample"]
     xs, ys = np.arange(0, width - extent + 1, extent), np.arange(0, height - extent + 1, extent)
@@ -57,10 +60,15 @@ def fake_scores(work: Path, width: int, height: int, extent: float = 448.0) -> t
     centre = ((coords + extent / 2) / ds).astype(int)
     coords = coords[tissue[np.minimum(centre[:, 1], tissue.shape[0] - 1), np.minimum(centre[:, 0], tissue.shape[1] - 1)]]
     scores = np.random.default_rng(0).random(len(coords))
-    csv = work / "scores.csv"
-    pd.DataFrame({"x": coords[:, 0].astype(int), "y": coords[:, 1].astype(int), "score": scores / scores.sum()}).to_csv(csv, index=False)
-    (work / "scores.json").write_text(json.dumps({"slide_id": "bench", "tile_extent": extent}))
-    return csv, len(coords)
+    record = {
+        "slide_id": "bench", "model": "bench", "fold_mode": "test", "folds": [0], "classes": ["normal", "tumour"],
+        "n_tiles": len(coords), "probs": {"normal": 0.5, "tumour": 0.5}, "pred": "tumour", "probs_per_fold": None,
+        "agreement": 1.0, "tile_extent": extent, "target_mpp": 0.5, "tile_size": 224, "mpp": 0.25,
+        "slide_dimensions": [width, height],
+    }
+    table = pd.DataFrame({"x": coords[:, 0].astype(int), "y": coords[:, 1].astype(int), "score": scores / scores.sum()})
+    write_scores(work, table, record)
+    return scores_paths(work, "bench")[0], len(coords)
 
 
 def folder_size(path: Path) -> tuple[int, float]:

@@ -438,3 +438,18 @@ def test_viewer_in_headless_chromium_fetches_tiles_and_draws_the_overlay(tmp_pat
     image = rgb[ys.min() : ys.max(), xs.min() : xs.max()]
     white = (image >= 245).all(-1)
     assert white.sum() > 500 and white.mean() < 0.05, white.sum()  # lines, not a blank view
+
+
+def test_viewer_benchmark_runs(tmp_path: Path) -> None:
+    """benchmarks/viewer_pyramid.py at toy size, so the CAMELYON-sized run is not broken by a change
+    here (its scores are written as scoring writes them, through the strict reader's format)."""
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "viewer_pyramid.py"
+    proc = subprocess.run([sys.executable, str(script), "--work", str(tmp_path), "--width", "4096", "--height", "3072"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    row = proc.stdout.strip().splitlines()[-1].strip("|").split("|")
+    files, seconds, peak = int(row[4]), float(row[6]), float(row[7])
+    assert files > 10 and seconds > 0 and peak > 0
+    assert (tmp_path / "viewer_1_2_2" / "layers.json").is_file()
