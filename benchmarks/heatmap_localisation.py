@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from wsi_asmil.annotations import read_tumour_mask
+from wsi_asmil.masks import read_tumour_mask
 from wsi_asmil.canvas import Grid, mean_values
 from wsi_asmil.heatmap import Style, draw_slide, load_scores
 from wsi_asmil.localisation import LocalisationParams, dice_iou, localise_model, otsu_threshold
