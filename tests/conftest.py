@@ -36,6 +36,24 @@ def physical_pattern(width: int, height: int, mpp: float) -> np.ndarray:
     return np.stack([r, g, b], axis=-1).round().astype(np.uint8)
 
 
+@pytest.fixture
+def ycbcr_misdecode(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The direct JPEG reader decodes Aperio's RGB tiles as YCbCr (their APP14 marker dropped):
+    a scanner quirk it would get wrong, tens of levels off OpenSlide."""
+    from wsi_asmil import tiff_jpeg
+    from wsi_asmil.tiff_jpeg import JpegTiledLevel
+
+    find = JpegTiledLevel.find
+
+    def without_rgb_marker(*args: object) -> JpegTiledLevel | None:
+        level = find(*args)
+        if level is not None:
+            level.header = level.header.replace(tiff_jpeg._ADOBE_RGB, b"")
+        return level
+
+    monkeypatch.setattr(JpegTiledLevel, "find", staticmethod(without_rgb_marker))
+
+
 @pytest.fixture(scope="session")
 def real_slide() -> Path:
     return REAL_SLIDE

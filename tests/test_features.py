@@ -13,14 +13,13 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from wsi_asmil import store, tiff_jpeg
+from wsi_asmil import store
 from wsi_asmil.devices import usable_cores
 from wsi_asmil.encoders import WeightsError, build_encoder
 from wsi_asmil.features import ChunkAlignedBatches, Embedder, extract_slide, fold_batchnorm, loader_settings
 from wsi_asmil.features import main as features_main
 from wsi_asmil.segment import SegmentParams, segment_slide
 from wsi_asmil.slide import Slide
-from wsi_asmil.tiff_jpeg import JpegTiledLevel
 from wsi_asmil.tile import TileParams, tile_slide
 
 
@@ -240,22 +239,14 @@ def test_batches_cover_the_rest_and_never_straddle_a_chunk(n: int, batch: int, c
         assert 0 < b - a <= batch and a // chunk == (b - 1) // chunk
 
 
-def test_reads_are_direct_where_they_match_openslide(real_slide: Path, real_tiles: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_reads_are_direct_where_they_match_openslide(real_slide: Path, real_tiles: Path, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     enc = build_encoder("resnet18", "random")
     direct = extract_slide(real_slide, real_tiles, tmp_path / "d.zarr", enc, "cpu", "fp32", 16, 0)
     slow = extract_slide(real_slide, real_tiles, tmp_path / "o.zarr", enc, "cpu", "fp32", 16, 0, reader="openslide")
     assert (direct["reader"], slow["reader"]) == ("jpeg-direct", "openslide")
     np.testing.assert_array_equal(store.read_features(tmp_path / "d.zarr")[0], store.read_features(tmp_path / "o.zarr")[0])
-    # Aperio's RGB JPEG tiles decoded as YCbCr (the marker dropped) no longer match: OpenSlide is used
-    find = JpegTiledLevel.find
-
-    def without_rgb_marker(*args: object) -> JpegTiledLevel | None:
-        level = find(*args)
-        if level is not None:
-            level.header = level.header.replace(tiff_jpeg._ADOBE_RGB, b"")
-        return level
-
-    monkeypatch.setattr(JpegTiledLevel, "find", staticmethod(without_rgb_marker))
+    # a direct decode that does not match OpenSlide's pixels is not used: the store says OpenSlide
+    request.getfixturevalue("ycbcr_misdecode")
     guarded = extract_slide(real_slide, real_tiles, tmp_path / "g.zarr", enc, "cpu", "fp32", 16, 0)
     assert guarded["reader"] == "openslide"
 

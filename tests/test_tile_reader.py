@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from conftest import write_generic_tiff
 
-from wsi_asmil import tiff_jpeg
 from wsi_asmil.slide import Slide
 from wsi_asmil.tiff_jpeg import JpegTiledLevel
 from wsi_asmil.tile_reader import DIRECT_READER_TOLERANCE, ReadPlan, TileReader, block_means
@@ -40,21 +39,11 @@ def test_the_real_aperio_slide_reads_directly_with_openslides_pixels(real_slide:
     assert fast_reader._direct is not None and slow_reader._direct is None
 
 
-def test_a_decode_that_disagrees_is_not_trusted(real_slide: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Aperio's RGB tiles decoded as YCbCr (the APP14 marker dropped) differ by tens of levels."""
-    find = JpegTiledLevel.find
-
-    def without_rgb_marker(*args: object) -> JpegTiledLevel | None:
-        level = find(*args)
-        if level is not None:
-            level.header = level.header.replace(tiff_jpeg._ADOBE_RGB, b"")
-        return level
-
-    monkeypatch.setattr(JpegTiledLevel, "find", staticmethod(without_rgb_marker))
+def test_a_decode_that_disagrees_is_not_trusted(real_slide: Path, ycbcr_misdecode: None) -> None:
     with Slide(real_slide) as slide:
         coords = middle_coords(slide)
-        wrong = block_means(ReadPlan(0, 1.0, (224, 224), "jpeg-direct").read_direct(
-            without_rgb_marker(slide.path, slide.level_dimensions[0]), *map(int, coords[2])))
+        misread = JpegTiledLevel.find(slide.path, slide.level_dimensions[0])
+        wrong = block_means(ReadPlan(0, 1.0, (224, 224), "jpeg-direct").read_direct(misread, *map(int, coords[2])))
         right = block_means(slide.read_rgb(0, *map(int, coords[2]), 224, 224))
         assert np.abs(wrong - right).mean() > DIRECT_READER_TOLERANCE
         assert plan_for(slide, coords).reader == "openslide"
