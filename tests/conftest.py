@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
 import tifffile
 import yaml
+
+if TYPE_CHECKING:
+    from wsi_asmil.synthetic.witness import WitnessSpec
 
 DATA = Path(__file__).parent / "data"
 REAL_SLIDE = DATA / "cmu_small_region.svs"
@@ -34,6 +38,20 @@ def physical_pattern(width: int, height: int, mpp: float) -> np.ndarray:
     g = 128 + 100 * np.sin(2 * np.pi * yy / 55.0)
     b = 128 + 100 * np.sin(2 * np.pi * (xx + yy) / 90.0)
     return np.stack([r, g, b], axis=-1).round().astype(np.uint8)
+
+
+def witness_fold(root: Path, spec: WitnessSpec, n_train: int, n_val: int) -> tuple[Path, dict]:
+    """A witness cohort written under ``root`` and a one-fold split of its bags in id order: the first
+    ``n_train`` train, the next ``n_val`` validate, the rest test. Returns (features folder, split)."""
+    import pandas as pd
+
+    from wsi_asmil.synthetic.witness import write_witness_cohort
+
+    write_witness_cohort(root, spec, progress=False)
+    table = pd.read_csv(root / "labels.csv", dtype=str)
+    ids, labels = table["slide_id"].tolist(), dict(zip(table["slide_id"], table["label"]))
+    fold = {"train": ids[:n_train], "val": ids[n_train : n_train + n_val], "test": ids[n_train + n_val :]}
+    return root / "features", {"classes": sorted(set(labels.values())), "labels": labels, "folds": [fold]}
 
 
 @pytest.fixture

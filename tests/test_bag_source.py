@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 import torch
 import zarr
+from conftest import witness_fold
 
 from wsi_asmil.bag_source import (
     BagReadError,
@@ -155,16 +156,10 @@ def test_the_budget_decides_in_the_training_dtype(stores) -> None:
 @pytest.fixture(scope="module")
 def witness(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     """A small witness cohort: stores with per-tile truth, so attention outputs are checked too."""
-    from wsi_asmil.synthetic.witness import WitnessSpec, write_witness_cohort
+    from wsi_asmil.synthetic.witness import WitnessSpec
 
-    root = tmp_path_factory.mktemp("witness")
     spec = WitnessSpec(n_bags=20, bag_size=(20, 80), witness_rate=(0.1, 0.2), feature_dim=16, seed=1)
-    write_witness_cohort(root, spec, progress=False)
-    table = pd.read_csv(root / "labels.csv", dtype=str)
-    ids, labels = table["slide_id"].tolist(), dict(zip(table["slide_id"], table["label"]))
-    split = {"classes": sorted(set(labels.values())), "labels": labels,
-             "folds": [{"train": ids[:12], "val": ids[12:16], "test": ids[16:]}]}
-    return root / "features", split
+    return witness_fold(tmp_path_factory.mktemp("witness"), spec, n_train=12, n_val=4)
 
 
 def test_load_fold_streams_over_budget(witness) -> None:

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import torch
 import zarr
+from conftest import witness_fold
 
 from wsi_asmil.models import MODELS, load_model
 from wsi_asmil.train import (
@@ -373,17 +374,11 @@ def test_models_learn_a_sparse_instance_signal(learnable, tmp_path: Path, name: 
 @pytest.fixture(scope="module")
 def witness_cohort(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     """An easy witness cohort (10-20 % witnesses, no decoys, no per-bag offset): 100 training bags."""
-    from wsi_asmil.synthetic.witness import WitnessSpec, write_witness_cohort
+    from wsi_asmil.synthetic.witness import WitnessSpec
 
-    root = tmp_path_factory.mktemp("witness")
     spec = WitnessSpec(n_bags=124, bag_size=(50, 100), witness_rate=(0.1, 0.2), decoy_rate=(0, 0),
                        nuisance_sd=0.0, feature_dim=32, seed=0)
-    write_witness_cohort(root, spec, progress=False)
-    table = pd.read_csv(root / "labels.csv", dtype=str)
-    ids, labels = table["slide_id"].tolist(), dict(zip(table["slide_id"], table["label"]))
-    split = {"classes": sorted(set(labels.values())), "labels": labels,
-             "folds": [{"train": ids[:100], "val": ids[100:108], "test": ids[108:]}]}
-    return root / "features", split
+    return witness_fold(tmp_path_factory.mktemp("witness"), spec, n_train=100, n_val=8)
 
 
 @pytest.mark.parametrize("model", ["asmil", "abmil"])

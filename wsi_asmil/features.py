@@ -76,7 +76,6 @@ class TileDataset(Dataset):
         mpp_fallback: float | None = None,
     ) -> None:
         self.coords = coords
-        self.plan = plan
         self.reader = TileReader(slide_path, plan, mpp_override, mpp_fallback)
 
     def __len__(self) -> int:
@@ -84,7 +83,7 @@ class TileDataset(Dataset):
 
     def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(uint8 tiles (B, h, w, 3), read ok (B,)); a tile that cannot be decoded is blank, not ok."""
-        w, h = self.plan.read_size
+        w, h = self.reader.plan.read_size
         tiles = torch.empty((len(indices), h, w, 3), dtype=torch.uint8)
         ok = torch.ones(len(indices), dtype=torch.bool)
         for j, i in enumerate(indices):
