@@ -2,12 +2,14 @@
 
 - ``test_slurm_profile_plans_every_job`` (default suite; needs only the executor plugin): a dry
   run through the profile on a tiny cohort shows per-rule memory and time, their growth on a retry
-  (``attempt``), the GPU requests of the GPU rules and the account/batch-size environment variables.
+  (``attempt``), the GPU requests of the GPU rules and the account/batch-size environment variables;
+  ``test_derived_rules_ask_like_their_parent`` checks the profile against the workflow's
+  ``use rule X as Y``.
 - ``test_workflow_on_a_real_slurm_cluster`` (marker ``slurm``, ``make test-slurm``, run by CI):
   starts a one-node Slurm cluster on localhost (tests/slurm/local_cluster.py), runs the tiny
   cohort through the profile, and checks that every job but the local ``all`` ran as a Slurm job
-  (GPU rules in the GPU partition with one GPU, segment + tile batched in group jobs, features in
-  batch jobs of several slides), that the outputs equal a local run's, and that the provenance
+  (GPU rules in the GPU partition with one GPU, segment + tile batched in ``prep`` group jobs,
+  drawings and truth masks in ``draw`` group jobs, features in batch jobs of several slides), that the outputs equal a local run's, and that the provenance
   manifest and store attrs name the run.
   It skips where Slurm, root or the plugin is missing, and fails instead when
   ``WSI_ASMIL_REQUIRE_SLURM=1`` (CI), so it can never pass silently by skipping there.
@@ -36,6 +38,9 @@ from wsi_asmil import store
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(REPO)]
 PROFILE = str(REPO / "profiles" / "slurm")
+PROFILE_CONFIG = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())
+#: The profile's rule -> Slurm group (batched per-slide jobs).
+GROUPS: dict[str, str] = PROFILE_CONFIG["groups"]
 
 _spec = importlib.util.spec_from_file_location("local_cluster", Path(__file__).parent / "slurm" / "local_cluster.py")
 local_cluster = importlib.util.module_from_spec(_spec)
@@ -44,6 +49,7 @@ _spec.loader.exec_module(local_cluster)
 N_SLIDES = 4
 SLIDES_PER_JOB = 3  # batches of 3 and 1 slides: uneven on purpose (see wsi_asmil.snakemake_fixes)
 BATCH_SIZES = [1, 3]
+MAPS_PER_JOB = 3  # drawings and truth masks per draw group job
 TINY = {
     "demo": {"n_slides": N_SLIDES, "seed": 1, "width": 2048, "height": 2048},
     "split": {"folds": 2},
@@ -57,6 +63,7 @@ FEATURE_BATCHES = {"0-of-2": ["demo_000", "demo_001", "demo_003"], "1-of-2": ["d
 
 # A job block of Snakemake's log: "rule NAME:" (possibly indented inside a group) and its fields.
 _HEADER = re.compile(r"^(\s*)(rule|checkpoint|localrule|localcheckpoint) (\w+):\s*$")
+_GROUP = re.compile(r"Group job (\w+)")
 
 
 def plugin_installed() -> bool:
@@ -97,15 +104,16 @@ def _foreign(line: str) -> bool:
     return not line.startswith(("[", "Job stats", "Group job"))
 
 
-def group_blocks(text: str) -> list[list[dict]]:
-    """The member jobs of every "Group job" Snakemake announces.
+def group_blocks(text: str, group: str) -> list[list[dict]]:
+    """The member jobs of every "Group job" of ``group`` that Snakemake announces.
 
     A group's indented body ends at Snakemake's next top-level entry.
     """
     lines = text.splitlines()
     groups = []
     for i, line in enumerate(lines):
-        if "Group job" not in line:
+        m = _GROUP.search(line)
+        if not m or m.group(1) != group:
             continue
         body = []
         for member in lines[i + 1 :]:
@@ -119,13 +127,27 @@ def group_blocks(text: str) -> list[list[dict]]:
 
 
 def batch_sizes(groups: list[list[dict]]) -> list[int]:
-    """Slides per group job, each slide's segment and tile in the same group."""
+    """Slides per prep job, each slide's segment, tile and dense-grid tiling in the same job."""
     sizes = []
     for members in groups:
         seg = sorted(b["wildcards"] for b in members if b["rule"] == "segment")
         assert seg == sorted(b["wildcards"] for b in members if b["rule"] == "tile"), members
+        assert {b["wildcards"] for b in members if b["rule"] == "heatmap_tile"} <= set(seg), members
+        assert {b["rule"] for b in members} <= {"segment", "tile", "heatmap_tile"}, members
         sizes.append(len(seg))
     return sorted(sizes)
+
+
+def check_draw_batches(groups: list[list[dict]], jobs: list[dict]) -> int:
+    """Every drawing and truth job of ``jobs`` is in exactly one draw job of MAPS_PER_JOB members
+    (one shorter); returns the number of draw jobs."""
+    members = [(b["rule"], b["wildcards"]) for g in groups for b in g]
+    expected = {(b["rule"], b["wildcards"]) for b in jobs if GROUPS.get(b["rule"]) == "draw"}
+    assert {r for r, _ in expected} == {"heatmap", "truth"}, expected
+    assert len(members) == len(set(members)) and set(members) == expected, (groups, expected)
+    full, rest = divmod(len(expected), MAPS_PER_JOB)
+    assert sorted(len(g) for g in groups) == sorted([MAPS_PER_JOB] * full + ([rest] if rest else [])), groups
+    return len(groups)
 
 
 def job_blocks(text: str) -> list[dict]:
@@ -163,7 +185,8 @@ def test_slurm_profile_plans_every_job(tmp_path: Path) -> None:
     # The inventory checkpoint decides the rest of the DAG: build it locally, then plan the rest.
     check(run([*SNAKEMAKE, "--cores", "2", "--configfile", str(cfg), "--until", "inventory"]), "local inventory")
 
-    env = {**os.environ, "WSI_ASMIL_SLURM_ACCOUNT": "lab42", "WSI_ASMIL_SLIDES_PER_JOB": str(SLIDES_PER_JOB)}
+    env = {**os.environ, "WSI_ASMIL_SLURM_ACCOUNT": "lab42", "WSI_ASMIL_SLIDES_PER_JOB": str(SLIDES_PER_JOB),
+           "WSI_ASMIL_MAPS_PER_JOB": str(MAPS_PER_JOB)}
     plans = {}
     # Several hash seeds: Snakemake's unpatched batching went wrong for some set orders only.
     for attempt, seed in ((1, "0"), (1, "1"), (1, "2"), (1, "4"), (2, "0")):
@@ -179,12 +202,15 @@ def test_slurm_profile_plans_every_job(tmp_path: Path) -> None:
         text = proc.stdout + proc.stderr
         assert "Using profile" in text and "profiles/slurm" in text
         # segment + tile of SLIDES_PER_JOB slides per group job, every slide in exactly one
-        assert batch_sizes(group_blocks(text)) == BATCH_SIZES, (seed, group_blocks(text))
-        plans[attempt] = [b for b in job_blocks(text) if b["kind"] in ("rule", "checkpoint")]
+        assert batch_sizes(group_blocks(text, "prep")) == BATCH_SIZES, (seed, group_blocks(text, "prep"))
+        plan = [b for b in job_blocks(text) if b["kind"] in ("rule", "checkpoint")]
+        # every drawing and truth mask in exactly one batch of MAPS_PER_JOB
+        check_draw_batches(group_blocks(text, "draw"), plan)
+        plans[attempt] = plan
 
     first = plans[1]
     rules = {b["rule"] for b in first}
-    assert {"segment", "tile", "features", "split", "train", "report"} <= rules
+    assert {"segment", "tile", "heatmap_tile", "features", "split", "train", "heatmap", "truth", "report"} <= rules
     assert sorted(b["wildcards"] for b in first if b["rule"] == "features") == [f"batch={k}" for k in FEATURE_BATCHES]
     gpu_rules = {b["rule"] for b in first if b["resources"].get("gpu") == "1"}
     assert {"features", "train"} <= gpu_rules and not {"segment", "tile", "split", "report"} & gpu_rules
@@ -195,6 +221,8 @@ def test_slurm_profile_plans_every_job(tmp_path: Path) -> None:
         assert int(b["resources"]["mem_mb"]) > 0 and int(b["resources"]["runtime"]) > 0
     by_rule = {b["rule"]: b["resources"] for b in first}
     assert int(by_rule["features"]["mem_mb"]) == 16000 and int(by_rule["segment"]["mem_mb"]) == 2000
+    # a derived rule asks what its parent asks (the dense grid's feature batches embed 4x the tiles)
+    assert by_rule["heatmap_features"] == by_rule["features"] and by_rule["heatmap_tile"] == by_rule["tile"]
     # a retry asks for twice the memory and time
     second = {(b["rule"], b["wildcards"]): b["resources"] for b in plans[2]}
     assert len(second) == len(first)
@@ -211,6 +239,22 @@ def test_slurm_profile_plans_every_job(tmp_path: Path) -> None:
     cpu_plan = [b for b in job_blocks(proc.stdout + proc.stderr) if b["kind"] in ("rule", "checkpoint")]
     assert {b["rule"] for b in cpu_plan} == rules
     assert not [b for b in cpu_plan if b["resources"].get("gpu", "0") != "0"]
+
+
+def test_derived_rules_ask_like_their_parent() -> None:
+    """A rule made with ``use rule X as Y`` is X's work on other files (the dense heatmap grid, new
+    slides): in the Slurm profile it must ask for X's memory and time and join X's batches, or it
+    silently falls back to the defaults (2 GB for a GPU feature batch) and one job per slide."""
+    profile = PROFILE_CONFIG
+    derived = {
+        child: parent
+        for p in (REPO / "workflow").rglob("*.smk")
+        for parent, child in re.findall(r"^\s*use rule (\w+) as (\w+)", p.read_text(), re.M)
+    }
+    assert {"heatmap_tile", "heatmap_features", "predict_segment", "predict_heatmap"} <= set(derived)
+    for child, parent in derived.items():
+        assert profile["set-resources"].get(child) == profile["set-resources"][parent], (child, parent)
+        assert GROUPS.get(child) == GROUPS.get(parent), (child, parent)
 
 
 # --- the real cluster -------------------------------------------------------------------------------
@@ -272,11 +316,12 @@ def test_workflow_on_a_real_slurm_cluster(tmp_path: Path) -> None:
     slurm_cfg = write_config(tmp_path, slurm_out, "slurm")
     logdir = tmp_path / "slurm_logs"
     t0 = time.monotonic()
-    # 4 CPUs (more than this machine may have; Slurm is told to trust the config): a batch job of
-    # 3 slides asks for 3
-    with local_cluster.local_cluster(tmp_path / "cluster", cpus=max(4, os.cpu_count() or 1)) as cluster:
+    # as many CPUs as the profile lets one job ask for (`cores`), more than this machine may have
+    # (Slurm is told to trust the config): a prep job of 3 slides runs its 6 tilings at once
+    cpus = max(PROFILE_CONFIG["cores"], os.cpu_count() or 1)
+    with local_cluster.local_cluster(tmp_path / "cluster", cpus=cpus) as cluster:
         timings["cluster start"] = time.monotonic() - t0
-        env = {**cluster.env, "WSI_ASMIL_SLIDES_PER_JOB": str(SLIDES_PER_JOB)}
+        env = {**cluster.env, "WSI_ASMIL_SLIDES_PER_JOB": str(SLIDES_PER_JOB), "WSI_ASMIL_MAPS_PER_JOB": str(MAPS_PER_JOB)}
         t0 = time.monotonic()
         proc = run(
             [
@@ -326,7 +371,7 @@ def test_workflow_on_a_real_slurm_cluster(tmp_path: Path) -> None:
 
     gpu_rules = {b["rule"] for b in submitted if b["resources"].get("gpu") == "1"}
     assert {"features", "train"} <= gpu_rules
-    n_groups = 0
+    group_jobs = {"prep": [], "draw": []}
     for job_id, blocks in logs.items():
         record = records[job_id]
         assert record["JobState"] == "COMPLETED" and record["ExitCode"] == "0:0", record
@@ -336,15 +381,25 @@ def test_workflow_on_a_real_slurm_cluster(tmp_path: Path) -> None:
             assert record["Partition"] == local_cluster.GPU_PARTITION and "gpu:1" in record.get("TresPerJob", ""), record
         else:
             assert record["Partition"] == local_cluster.CPU_PARTITION and "gpu" not in record.get("TresPerJob", ""), record
-        if rules == {"segment", "tile"}:  # a batch of slides in one job
-            n_groups += 1
-            assert record["Comment"].startswith("rule_prep")
-        else:
+        groups = {GROUPS.get(r) for r in rules}
+        assert len(groups) == 1, rules  # a job is one group's batch or one ungrouped rule
+        group = groups.pop()
+        if group is None:
             assert len(rules) == 1 and record["Comment"].startswith(f"rule_{rules.pop()}")
-    assert n_groups == math.ceil(N_SLIDES / SLIDES_PER_JOB)
-    assert batch_sizes([[b for b in blocks if b["kind"] == "rule"] for blocks in logs.values()
-                        if {b["rule"] for b in blocks} <= {"segment", "tile"}]) == BATCH_SIZES
-    assert batch_sizes(group_blocks(text)) == BATCH_SIZES
+        else:  # a batch of several slides' jobs in one Slurm job, one CPU and one memory per member
+            assert record["Comment"].startswith(f"rule_{group}"), record  # run at once (<= cores)
+            per_member = {int(PROFILE_CONFIG["set-resources"][r]["mem_mb"].split("*")[0]) for r in rules}
+            assert len(per_member) == 1, rules
+            assert record["MinMemoryNode"] == f"{per_member.pop() * int(record['NumCPUs'])}M", record
+            group_jobs[group].append([b for b in blocks if b["kind"] == "rule"])
+    assert len(group_jobs["prep"]) == math.ceil(N_SLIDES / SLIDES_PER_JOB)
+    assert batch_sizes(group_jobs["prep"]) == BATCH_SIZES
+    assert batch_sizes(group_blocks(text, "prep")) == BATCH_SIZES
+    # heatmaps and truth masks: MAPS_PER_JOB per Slurm job, each drawn once
+    assert check_draw_batches(group_blocks(text, "draw"), submitted) == len(group_jobs["draw"])
+    assert sorted({(b["rule"], b["wildcards"]) for g in group_jobs["draw"] for b in g}) == sorted(
+        (b["rule"], b["wildcards"]) for g in group_blocks(text, "draw") for b in g
+    )
     # features: one GPU job per batch of slides, each writing every member's store
     feature_jobs = [blocks for blocks in logs.values() if {b["rule"] for b in blocks} == {"features"}]
     assert len(feature_jobs) == len(FEATURE_BATCHES)  # a job's log shows its block more than once
@@ -357,7 +412,7 @@ def test_workflow_on_a_real_slurm_cluster(tmp_path: Path) -> None:
 
     # the second run: two batch jobs again, every slide once
     redo_text = redo.stdout + redo.stderr
-    assert batch_sizes(group_blocks(redo_text)) == BATCH_SIZES
+    assert batch_sizes(group_blocks(redo_text, "prep")) == BATCH_SIZES
     assert len(redo_records) == len(BATCH_SIZES), redo_records
     assert all(r["JobState"] == "COMPLETED" and r["Comment"].startswith("rule_prep") for r in redo_records.values())
     redo_logs = slurm_logs(tmp_path / "slurm_logs_redo")
