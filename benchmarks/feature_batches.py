@@ -42,7 +42,10 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from wsi_asmil import store
+from wsi_asmil.devices import resolve_device
 from wsi_asmil.feature_batch import members_json
 from wsi_asmil.segment import SegmentParams, segment_slide
 from wsi_asmil.synthetic import write_cohort
@@ -163,8 +166,13 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args()
+    try:  # an unattended GPU run stops here, not after building the cohort
+        device = resolve_device(args.device)
+    except RuntimeError as e:
+        p.error(f"--device: {e}")
     size = tuple(int(v) for v in args.size.split("x"))
-    results = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "load": os.getloadavg()},
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    results = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "load": os.getloadavg(), "gpu": gpu},
                "args": {k: str(v) for k, v in vars(args).items()}, "cohorts": {}}
     for cohort in (["small", "demo"] if args.cohort == "both" else [args.cohort]):
         slides = prepare(args.work, cohort, args.slides, size)

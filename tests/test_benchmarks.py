@@ -24,3 +24,17 @@ def test_benchmark_starts(script: Path) -> None:
     proc = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "usage:" in proc.stdout
+
+
+def test_feature_batches_gpu_mode_stops_at_once_without_cuda(tmp_path: Path) -> None:
+    """`--device cuda` runs unattended on the GPU node; elsewhere it must fail before building the
+    cohort (minutes), naming the option."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    script = next(p for p in BENCHMARKS if p.stem == "feature_batches")
+    proc = subprocess.run([sys.executable, str(script), "--work", str(tmp_path / "fb"), "--device", "cuda"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "--device" in proc.stderr and "CUDA is not available" in proc.stderr, proc.stderr
+    assert not (tmp_path / "fb").exists()
