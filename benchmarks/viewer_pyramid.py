@@ -25,7 +25,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from heatmap_speed import run  # the same measured runner as the heatmap benchmark
@@ -50,8 +49,9 @@ def ensure_slide(work: Path, width: int, height: int) -> Path:
 
 def fake_scores(work: Path, width: int, height: int, extent: float = 448.0) -> tuple[Path, int]:
     """Random scores of every 224 px tile at 0.5 um/px (448 level-0 px) whose centre is on tissue,
-    written as scoring writes a slide's scores (:func:`wsi_asmil.scores.write_scores`)."""
-    from wsi_asmil.scores import scores_paths, write_scores
+    written as scoring writes a slide's scores."""
+    from wsi_asmil.scores import scores_paths
+    from wsi_asmil.synthetic.scores import write_synthetic_scores
 
     tissue = cv2.imread(str(work / "mask.png"), cv2.IMREAD_GRAYSCALE) > 0
     ds = json.loads((work / "mask.json").read_text())["downsample"]
@@ -60,14 +60,8 @@ def fake_scores(work: Path, width: int, height: int, extent: float = 448.0) -> t
     centre = ((coords + extent / 2) / ds).astype(int)
     coords = coords[tissue[np.minimum(centre[:, 1], tissue.shape[0] - 1), np.minimum(centre[:, 0], tissue.shape[1] - 1)]]
     scores = np.random.default_rng(0).random(len(coords))
-    record = {
-        "slide_id": "bench", "model": "bench", "fold_mode": "test", "folds": [0], "classes": ["normal", "tumour"],
-        "n_tiles": len(coords), "probs": {"normal": 0.5, "tumour": 0.5}, "pred": "tumour", "probs_per_fold": None,
-        "agreement": 1.0, "tile_extent": extent, "target_mpp": 0.5, "tile_size": 224, "mpp": 0.25,
-        "slide_dimensions": [width, height],
-    }
-    table = pd.DataFrame({"x": coords[:, 0].astype(int), "y": coords[:, 1].astype(int), "score": scores / scores.sum()})
-    write_scores(work, table, record)
+    write_synthetic_scores(work, "bench", coords.astype(np.int64), scores / scores.sum(), extent, model="bench",
+                           slide_dimensions=[width, height])
     return scores_paths(work, "bench")[0], len(coords)
 
 

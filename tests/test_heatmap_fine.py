@@ -15,11 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from scores_files import write_test_scores
-
 from wsi_asmil.canvas import Grid, colour_table, coverage_count, lookup_mask, mean_values
 from wsi_asmil.heatmap import Style, draw_slide, legend_ticks, normalize, render
 from wsi_asmil.slide import Slide
+from wsi_asmil.synthetic.scores import write_synthetic_scores
 from wsi_asmil.tile import TileParams, tile_grid
 
 #: The synthetic slide: 640 x 640 level-0 px at 0.5 um/px, all tissue; tiles of 32 px.
@@ -159,7 +158,7 @@ def test_draw_slide_keeps_the_background_of_a_real_slide(real_slide: Path, tmp_p
     ys = np.round(np.arange(0, h - extent + 1, extent / 2))
     coords = np.stack(np.meshgrid(xs, ys), -1).reshape(-1, 2).astype(np.int64)
     scores = softmax_weights(np.random.default_rng(4).normal(size=len(coords)))
-    write_test_scores(tmp_path, "s", coords, scores, extent, tile_size=128, mpp=mpp)
+    write_synthetic_scores(tmp_path, "s", coords, scores, extent, tile_size=128, mpp=mpp)
     mask = np.zeros((int(np.ceil(h / 32)), int(np.ceil(w / 32))), np.uint8)
     mask[: mask.shape[0] // 2, : mask.shape[1] // 2] = 255  # the top-left quarter is "tissue"
     cv2.imwrite(str(tmp_path / "mask.png"), mask)

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from geojson_check import read_tile_geojson, validate_tile_geojson
 from matplotlib import colormaps
 
 from wsi_asmil.canvas import Grid, coverage_count, lookup_mask, mean_values, smooth, tile_spans
@@ -20,9 +21,7 @@ from wsi_asmil.heatmap import Style, draw_slide, main as heatmap_main, normalize
 from wsi_asmil.io import write_csv
 from wsi_asmil.report import choose_sample, paired_comparison, write_report
 from wsi_asmil.slide import Slide
-from geojson_check import read_tile_geojson, validate_tile_geojson
-from scores_files import write_test_scores
-
+from wsi_asmil.synthetic.scores import write_synthetic_scores
 from wsi_asmil.tile_geojson import write_tile_geojson
 
 
@@ -228,7 +227,7 @@ def fake_scores(tmp_path: Path, slide: Path, extent: float, stride: float | None
     scores = np.exp(-np.linalg.norm(coords + extent / 2 - centre, axis=1) / 300.0)
     scores /= scores.sum()
     csv = tmp_path / "s_scores.csv"
-    write_test_scores(tmp_path, "s", coords, scores, extent, tile_size=64, mpp=mpp, slide_dimensions=[w, h])
+    write_synthetic_scores(tmp_path, "s", coords, scores, extent, tile_size=64, mpp=mpp, slide_dimensions=[w, h])
     return csv, coords, scores
 
 
@@ -367,8 +366,8 @@ def test_report_html_gathers_localisation_and_heatmaps(tmp_path: Path) -> None:
         for model in ("asmil", "abmil"):
             (heat / model / "scores").mkdir(parents=True, exist_ok=True)
             cv2.imwrite(str(heat / model / f"s{i}.png"), np.full((40, 60, 3), 128, np.uint8))
-            write_test_scores(heat / model / "scores", f"s{i}", np.zeros((1, 2)), [1.0], 10.0,
-                              slide_dimensions=[300, 200], folds=[1])
+            write_synthetic_scores(heat / model / "scores", f"s{i}", np.zeros((1, 2)), [1.0], 10.0,
+                                   slide_dimensions=[300, 200], folds=[1])
     inventory = tmp_path / "inventory.csv"
     inventory.write_text("slide_id,path,status,message\ns0,/x/s0.svs,ok,\nbad <one>,/x/bad.svs,error,slide 'bad <one>': file is empty\n")
     newp = tmp_path / "new.csv"
@@ -403,7 +402,7 @@ def test_sample_prefers_large_tumours_then_contrast() -> None:
 
 
 def test_slide_without_tiles_draws_the_bare_thumbnail(real_slide: Path, tmp_path: Path) -> None:
-    write_test_scores(tmp_path, "e", np.zeros((0, 2)), [], 128.0, tile_size=64)
+    write_synthetic_scores(tmp_path, "e", np.zeros((0, 2)), [], 128.0, tile_size=64)
     draw_slide(real_slide, tmp_path / "e_scores.csv", tmp_path / "e.png", out_geojson=tmp_path / "e.geojson",
                out_gallery=tmp_path / "e_topk.png", style=Style(clip_to_tissue=False), mpp=16.0)
     with Slide(real_slide) as s:

@@ -12,8 +12,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scores_files import write_test_scores
-
 from wsi_asmil.annotations import TumourMask, write_tumour_mask
 from wsi_asmil.localisation import (
     TUMOUR_TILE_FRACTION,
@@ -27,6 +25,7 @@ from wsi_asmil.localisation import (
     top_q_selection,
 )
 from wsi_asmil.masks import mask_fractions
+from wsi_asmil.synthetic.scores import write_synthetic_scores
 
 
 def test_dice_and_iou_of_known_masks() -> None:
@@ -125,7 +124,7 @@ def test_cli_over_score_folders_and_truth_files(tmp_path: Path) -> None:
     tumour = (coords[:, 1] == 100) & np.isin(coords[:, 0], [100, 200])
     for sid, mask in (("tumour slide", truth), ("normal", np.zeros_like(truth)), ("unannotated", truth)):
         scores = np.where(tumour, 0.4, 0.2 / 14)
-        write_test_scores(scores_dir, sid, coords, scores, extent)
+        write_synthetic_scores(scores_dir, sid, coords, scores, extent)
         if sid != "unannotated":
             write_tumour_mask(truth_dir / f"{sid}.png", truth_dir / f"{sid}.json", TumourMask(mask, ds, "test", "test"), sid, 0.25, (400, 400))
     main(["--model", "asmil", "--scores", str(scores_dir), "--truth", *map(str, sorted(truth_dir.glob("*.png"))),

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from scores_files import write_test_scores
 
 from wsi_asmil.scores import ScoresFormatError, read_meta, read_scores, scores_paths, slide_id_of
+from wsi_asmil.synthetic.scores import write_synthetic_scores
 
 
 def test_round_trip_and_names(tmp_path: Path) -> None:
     coords = np.array([[0, 0], [448, 0], [0, 448]])
-    write_test_scores(tmp_path, "slide 1", coords, [0.5, 0.25, 0.25], 448.0)
+    write_synthetic_scores(tmp_path, "slide 1", coords, [0.5, 0.25, 0.25], 448.0)
     csv, js = scores_paths(tmp_path, "slide 1")
     assert (csv.name, js.name) == ("slide 1_scores.csv", "slide 1_scores.json")
     assert slide_id_of(js) == slide_id_of(csv) == "slide 1"
@@ -25,7 +25,7 @@ def test_round_trip_and_names(tmp_path: Path) -> None:
 
 
 def test_a_missing_field_is_an_error_naming_the_file(tmp_path: Path) -> None:
-    write_test_scores(tmp_path, "s", np.zeros((1, 2)), [1.0], 100.0)
+    write_synthetic_scores(tmp_path, "s", np.zeros((1, 2)), [1.0], 100.0)
     js = scores_paths(tmp_path, "s")[1]
     record = json.loads(js.read_text())
     del record["tile_extent"]
@@ -35,7 +35,7 @@ def test_a_missing_field_is_an_error_naming_the_file(tmp_path: Path) -> None:
 
 
 def test_the_table_must_match_its_record(tmp_path: Path) -> None:
-    write_test_scores(tmp_path, "s", np.zeros((2, 2)), [0.5, 0.5], 100.0, n_tiles=3)
+    write_synthetic_scores(tmp_path, "s", np.zeros((2, 2)), [0.5, 0.5], 100.0, n_tiles=3)
     with pytest.raises(ScoresFormatError, match="2 tiles, but"):
         read_scores(scores_paths(tmp_path, "s")[1])
     scores_paths(tmp_path, "s")[0].unlink()

@@ -9,8 +9,8 @@
   starts a one-node Slurm cluster on localhost (tests/slurm/local_cluster.py), runs the tiny
   cohort through the profile, and checks that every job but the local ``all`` ran as a Slurm job
   (GPU rules in the GPU partition with one GPU, segment + tile batched in ``prep`` group jobs,
-  drawings and truth masks in ``draw`` group jobs, features in batch jobs of several slides), that the outputs equal a local run's, and that the provenance
-  manifest and store attrs name the run.
+  drawings and truth masks in ``draw`` group jobs, features in batch jobs of several slides), that
+  the outputs equal a local run's, and that the provenance manifest and store attrs name the run.
   It skips where Slurm, root or the plugin is missing, and fails instead when
   ``WSI_ASMIL_REQUIRE_SLURM=1`` (CI), so it can never pass silently by skipping there.
 """
@@ -38,7 +38,7 @@ from wsi_asmil import store
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(REPO)]
 PROFILE = str(REPO / "profiles" / "slurm")
-PROFILE_CONFIG = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())
+PROFILE_CONFIG = yaml.safe_load((Path(PROFILE) / "config.yaml").read_text())
 #: The profile's rule -> Slurm group (batched per-slide jobs).
 GROUPS: dict[str, str] = PROFILE_CONFIG["groups"]
 
@@ -50,6 +50,7 @@ N_SLIDES = 4
 SLIDES_PER_JOB = 3  # batches of 3 and 1 slides: uneven on purpose (see wsi_asmil.snakemake_fixes)
 BATCH_SIZES = [1, 3]
 MAPS_PER_JOB = 3  # drawings and truth masks per draw group job
+BATCH_ENV = {"WSI_ASMIL_SLIDES_PER_JOB": str(SLIDES_PER_JOB), "WSI_ASMIL_MAPS_PER_JOB": str(MAPS_PER_JOB)}
 TINY = {
     "demo": {"n_slides": N_SLIDES, "seed": 1, "width": 2048, "height": 2048},
     "split": {"folds": 2},
@@ -185,8 +186,7 @@ def test_slurm_profile_plans_every_job(tmp_path: Path) -> None:
     # The inventory checkpoint decides the rest of the DAG: build it locally, then plan the rest.
     check(run([*SNAKEMAKE, "--cores", "2", "--configfile", str(cfg), "--until", "inventory"]), "local inventory")
 
-    env = {**os.environ, "WSI_ASMIL_SLURM_ACCOUNT": "lab42", "WSI_ASMIL_SLIDES_PER_JOB": str(SLIDES_PER_JOB),
-           "WSI_ASMIL_MAPS_PER_JOB": str(MAPS_PER_JOB)}
+    env = {**os.environ, "WSI_ASMIL_SLURM_ACCOUNT": "lab42", **BATCH_ENV}
     plans = {}
     # Several hash seeds: Snakemake's unpatched batching went wrong for some set orders only.
     for attempt, seed in ((1, "0"), (1, "1"), (1, "2"), (1, "4"), (2, "0")):
@@ -245,7 +245,6 @@ def test_derived_rules_ask_like_their_parent() -> None:
     """A rule made with ``use rule X as Y`` is X's work on other files (the dense heatmap grid, new
     slides): in the Slurm profile it must ask for X's memory and time and join X's batches, or it
     silently falls back to the defaults (2 GB for a GPU feature batch) and one job per slide."""
-    profile = PROFILE_CONFIG
     derived = {
         child: parent
         for p in (REPO / "workflow").rglob("*.smk")
@@ -253,7 +252,7 @@ def test_derived_rules_ask_like_their_parent() -> None:
     }
     assert {"heatmap_tile", "heatmap_features", "predict_segment", "predict_heatmap"} <= set(derived)
     for child, parent in derived.items():
-        assert profile["set-resources"].get(child) == profile["set-resources"][parent], (child, parent)
+        assert PROFILE_CONFIG["set-resources"].get(child) == PROFILE_CONFIG["set-resources"][parent], (child, parent)
         assert GROUPS.get(child) == GROUPS.get(parent), (child, parent)
 
 
@@ -321,7 +320,7 @@ def test_workflow_on_a_real_slurm_cluster(tmp_path: Path) -> None:
     cpus = max(PROFILE_CONFIG["cores"], os.cpu_count() or 1)
     with local_cluster.local_cluster(tmp_path / "cluster", cpus=cpus) as cluster:
         timings["cluster start"] = time.monotonic() - t0
-        env = {**cluster.env, "WSI_ASMIL_SLIDES_PER_JOB": str(SLIDES_PER_JOB), "WSI_ASMIL_MAPS_PER_JOB": str(MAPS_PER_JOB)}
+        env = {**cluster.env, **BATCH_ENV}
         t0 = time.monotonic()
         proc = run(
             [
@@ -386,8 +385,8 @@ def test_workflow_on_a_real_slurm_cluster(tmp_path: Path) -> None:
         group = groups.pop()
         if group is None:
             assert len(rules) == 1 and record["Comment"].startswith(f"rule_{rules.pop()}")
-        else:  # a batch of several slides' jobs in one Slurm job, one CPU and one memory per member
-            assert record["Comment"].startswith(f"rule_{group}"), record  # run at once (<= cores)
+        else:  # a batch in one Slurm job: a CPU and a member's memory per member it runs at once
+            assert record["Comment"].startswith(f"rule_{group}"), record
             per_member = {int(PROFILE_CONFIG["set-resources"][r]["mem_mb"].split("*")[0]) for r in rules}
             assert len(per_member) == 1, rules
             assert record["MinMemoryNode"] == f"{per_member.pop() * int(record['NumCPUs'])}M", record

@@ -28,8 +28,6 @@ import pandas as pd
 import pytest
 from conftest import physical_pattern, write_generic_tiff
 
-from scores_files import write_test_scores
-
 from wsi_asmil import vendor, viewer
 from wsi_asmil.canvas import Grid, colour_table
 from wsi_asmil.deepzoom import DZI_NS, Pyramid, write_dzi, write_tiles
@@ -37,6 +35,7 @@ from wsi_asmil.heatmap import Style, normalize, render
 from wsi_asmil.scores import ScoresFormatError
 from wsi_asmil.io import write_json
 from wsi_asmil.slide import Slide
+from wsi_asmil.synthetic.scores import write_synthetic_scores
 
 ARTIFACTS = Path(os.environ.get("WSI_ASMIL_ARTIFACTS") or Path(__file__).parent / "artifacts")
 
@@ -200,7 +199,7 @@ def small_case(root: Path) -> dict[str, Path]:
     coords = np.stack(np.meshgrid(xs, ys), -1).reshape(-1, 2).astype(np.int64)
     scores = np.where(coords[:, 0] < w / 2, 0.001, 1.0)  # two values: rank gives each half one colour
     scores /= scores.sum()
-    write_test_scores(root, "s", coords, scores, extent)
+    write_synthetic_scores(root, "s", coords, scores, extent)
     tissue = np.full((h // 16, w // 16), 255, np.uint8)
     tissue[:, -8:] = 0  # the last 128 level-0 px are glass
     cv2.imwrite(str(root / "mask.png"), tissue)

@@ -1,4 +1,5 @@
-"""Complete scores files for tests of the stages that read them (the format is wsi_asmil.scores)."""
+"""Complete scores files for made-up attention, for the tests and benchmarks of the stages that
+read scores (drawing, localisation, the viewer, the report) without training a model first."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import pandas as pd
 from wsi_asmil.scores import write_scores
 
 
-def write_test_scores(out_dir: str | Path, slide_id: str, coords: np.ndarray, scores: np.ndarray, extent: float,
-                      **fields: Any) -> None:
+def write_synthetic_scores(out_dir: str | Path, slide_id: str, coords: np.ndarray, scores: np.ndarray,
+                           extent: float, **fields: Any) -> None:
     """A slide's scores as scoring writes them, with a two-class prediction; ``fields`` override the record."""
     coords = np.asarray(coords).reshape(-1, 2)
     record = {
