@@ -18,14 +18,14 @@ $(STAMP): pyproject.toml
 
 ## OpenSeadragon for the report's viewer, from the npm registry (pinned, hash-checked; once).
 vendor: $(STAMP)
-	$(BIN)/python -m wsi_asmil.vendor
+	$(BIN)/wsi-asmil vendor
 
 install: $(STAMP) vendor
 
 ## Run the whole workflow on the built-in synthetic demo cohort (outputs in results/). Progress is
 ## compact; Snakemake's complete log is in .snakemake/log/ and each job's in results/logs/.
 demo: $(STAMP) vendor
-	set -o pipefail; PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake --cores $(CORES) 2>&1 | $(BIN)/python -m wsi_asmil.console
+	set -o pipefail; PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake --cores $(CORES) 2>&1 | $(BIN)/wsi-asmil console
 
 ## The default test suite (what CI runs): unit tests, real-slide tests, a tiny end-to-end run and the
 ## report's viewer in headless Chromium (skipped without it; CI sets WSI_ASMIL_REQUIRE_CHROMIUM=1).

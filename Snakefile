@@ -11,7 +11,7 @@ min_version("9.0")
 configfile: "config.yaml"
 
 
-from wsi_asmil.config_overrides import coerce_to_schema
+from wsi_asmil.pipeline.config_overrides import coerce_to_schema
 
 coerce_to_schema(config, f"{workflow.basedir}/workflow/schemas/config.schema.yaml")
 validate(config, "workflow/schemas/config.schema.yaml")
@@ -40,7 +40,7 @@ rule all:
     default_target: True
 
 
-from wsi_asmil.console import summary_lines as _summary_lines
+from wsi_asmil.pipeline.console import summary_lines as _summary_lines
 
 
 def _print_summary(logs, success):

@@ -99,7 +99,7 @@ def _train(run: Run) -> dict[str, Any]:
     """One run in a worker process (one torch thread: the workers share the cores)."""
     import torch
 
-    from wsi_asmil.train import train_fold
+    from wsi_asmil.mil.train import train_fold
 
     torch.set_num_threads(1)
     out = Path(run.out)
@@ -165,10 +165,10 @@ def witness_cohort(
 def demo_cohort(results: Path, work: Path, seeds: int, folds: int) -> tuple[Path, list[dict[str, Any]], Path]:
     """The demo's features and per-tile tumour truth (tiles at least half tumour, from the truth
     masks the localisation stage rasterised), and a stratified k-fold split per seed."""
-    from wsi_asmil.masks import read_tumour_mask
-    from wsi_asmil.localisation import tile_fractions
-    from wsi_asmil.split import make_split
-    from wsi_asmil.store import open_store
+    from wsi_asmil.features.store import open_store
+    from wsi_asmil.maps.localisation import tile_fractions
+    from wsi_asmil.mil.split import make_split
+    from wsi_asmil.tissue.masks import read_tumour_mask
 
     features_dirs = sorted(p for p in (results / "features").glob("*/*") if p.is_dir())
     if len(features_dirs) != 1:

@@ -6,10 +6,10 @@
 
 Both ways run the workflow's own commands in their own processes, on the same slides and tiles:
 
-* **per slide**: ``python -m wsi_asmil.features`` once per slide (what the workflow ran before
+* **per slide**: ``python -m wsi_asmil.features.extract`` once per slide (what the workflow ran before
   ``features.slides_per_job``): every slide pays the interpreter, the torch and timm imports, the
   encoder build and its move to the device;
-* **batched**: ``python -m wsi_asmil.feature_batch`` once per ``--slides-per-job`` slides (what the
+* **batched**: ``python -m wsi_asmil.features.batch`` once per ``--slides-per-job`` slides (what the
   workflow runs now).
 
 It also prints what starting a process and importing the stage's module costs for the other
@@ -44,12 +44,12 @@ from pathlib import Path
 
 import torch
 
-from wsi_asmil import store
-from wsi_asmil.devices import resolve_device
-from wsi_asmil.feature_batch import members_json
-from wsi_asmil.segment import SegmentParams, segment_slide
+from wsi_asmil.core.devices import resolve_device
+from wsi_asmil.features import store
+from wsi_asmil.features.batch import members_json
+from wsi_asmil.features.tile import TileParams, tile_slide
 from wsi_asmil.synthetic import write_cohort
-from wsi_asmil.tile import TileParams, tile_slide
+from wsi_asmil.tissue.segment import SegmentParams, segment_slide
 
 #: What a features job logs per slide: "slide 'x': 13 tiles in 3.95 s (...)".
 _WORK = re.compile(r"slide '(.+?)': \d+ tiles in ([0-9.]+) s")
@@ -92,7 +92,7 @@ def per_slide(slides: dict[str, tuple[Path, Path]], out: Path, args: argparse.Na
     log = out / "per_slide.log"
     wall = 0.0
     for sid, (slide, tiles) in slides.items():
-        cmd = [sys.executable, "-m", "wsi_asmil.features", "--slide", str(slide), "--tiles", str(tiles),
+        cmd = [sys.executable, "-m", "wsi_asmil.features.extract", "--slide", str(slide), "--tiles", str(tiles),
                "--out", str(out / f"{sid}.zarr"), *feature_options(args)]
         wall += _run(cmd, log)
     return summarise("per slide", slides, wall, log.read_text(), jobs=len(slides))
@@ -105,7 +105,7 @@ def batched(slides: dict[str, tuple[Path, Path]], out: Path, args: argparse.Name
     for i in range(0, len(ids), args.slides_per_job):
         part = ids[i : i + args.slides_per_job]
         members = members_json(part, lambda s: slides[s][0], lambda s: slides[s][1], lambda s: out / f"{s}.zarr", {})
-        cmd = [sys.executable, "-m", "wsi_asmil.feature_batch", "--members", members,
+        cmd = [sys.executable, "-m", "wsi_asmil.features.batch", "--members", members,
                "--marker", str(out / "batches" / f"{jobs}.json"), *feature_options(args)]
         wall += _run(cmd, log)
         jobs += 1
@@ -143,7 +143,7 @@ def start_costs(repeats: int = 3) -> dict[str, float]:
     """Seconds to start a stage's process and import its module (best of ``repeats``): the cost a
     per-slide job of that stage pays before any work. Only features imports torch."""
     out = {}
-    for module in ("segment", "tile", "heatmap", "features"):
+    for module in ("tissue.segment", "features.tile", "maps.heatmap", "features.extract"):
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()

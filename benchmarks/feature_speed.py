@@ -12,7 +12,7 @@ One run prints, per encoder, tiles per second for:
   the direct JPEG reader and with OpenSlide;
 * **model ceiling**: the encoder on random uint8 batches already on the device, resize and
   normalisation included (``--batch-size``);
-* **ours, end to end**: ``python -m wsi_asmil.features`` from the slide file to a finished Zarr
+* **ours, end to end**: ``python -m wsi_asmil.features.extract`` from the slide file to a finished Zarr
   store (the real command, in its own process; the throughput is the one it logs, which excludes
   interpreter start and model build, also reported as the job's wall time), with the peak memory of its process tree (sum of PSS over
   the process and its reader workers, sampled every 0.5 s; GPU peak from the log);
@@ -49,17 +49,17 @@ import numpy as np
 import tifffile
 import torch
 
-from wsi_asmil import store
-from wsi_asmil.encoders import build_encoder
-from wsi_asmil.devices import resolve_device, usable_cores
-from wsi_asmil.features import Embedder, TileDataset, _as_batch, loader_settings, use_bf16
-from wsi_asmil.segment import SegmentParams, segment_slide
-from wsi_asmil.slide import Slide
+from wsi_asmil.core.devices import resolve_device, usable_cores
+from wsi_asmil.features import store
+from wsi_asmil.features.encoders import build_encoder
+from wsi_asmil.features.extract import Embedder, TileDataset, _as_batch, loader_settings, use_bf16
+from wsi_asmil.features.tile import TileParams, tile_slide
+from wsi_asmil.slides.slide import Slide
+from wsi_asmil.slides.tiff_jpeg import JpegTiledLevel
+from wsi_asmil.slides.tile_reader import ReadPlan
 from wsi_asmil.synthetic import SlideSpec, write_slide
 from wsi_asmil.synthetic.aperio import TIFF_OPTIONS
-from wsi_asmil.tiff_jpeg import JpegTiledLevel
-from wsi_asmil.tile import TileParams, tile_slide
-from wsi_asmil.tile_reader import ReadPlan
+from wsi_asmil.tissue.segment import SegmentParams, segment_slide
 
 TILE = 256
 CAMELYON = (100_096, 80_128)
@@ -185,7 +185,7 @@ def _pss_mib(pids: list[int]) -> float:
 def run_ours(slide: Path, tiles: Path, out: Path, encoder: str, args: argparse.Namespace) -> dict:
     """The real features command in its own process, its logged throughput and peak tree PSS."""
     out_store = out / f"{encoder}.zarr"
-    cmd = [sys.executable, "-m", "wsi_asmil.features", "--slide", str(slide), "--tiles", str(tiles),
+    cmd = [sys.executable, "-m", "wsi_asmil.features.extract", "--slide", str(slide), "--tiles", str(tiles),
            "--out", str(out_store), "--encoder", encoder, "--weights", "random", "--device", args.device,
            "--batch-size", str(args.batch_size), "--num-workers", str(args.workers), "--threads", str(args.threads)]
     if args.compile:

@@ -4,7 +4,7 @@
     python benchmarks/heatmap_bands.py --mpp 2 4 8 --overlap 0 0.5 0.75
 
 The canvas of a 100,096 x 80,128 px slide at 0.25 um/px (25 x 20 mm), tissue everywhere, 224-px
-tiles at 0.5 um/px on the tiling's grid at each overlap, random scores. ``wsi_asmil.heatmap.render``
+tiles at 0.5 um/px on the tiling's grid at each overlap, random scores. ``wsi_asmil.maps.heatmap.render``
 paints it once with its default band size and once as a single band (the whole canvas at once, as
 before banding). Peak memory is traced by ``tracemalloc`` (NumPy's allocations, beyond the canvas
 itself, which both share); seconds are the process's CPU time, steadier than wall time on a shared
@@ -19,8 +19,8 @@ import tracemalloc
 
 import numpy as np
 
-from wsi_asmil.heatmap import BAND_PIXELS, render
-from wsi_asmil.tile import TileParams, tile_grid
+from wsi_asmil.features.tile import TileParams, tile_grid
+from wsi_asmil.maps.heatmap import BAND_PIXELS, render
 
 WIDTH, HEIGHT, MPP = 100_096, 80_128, 0.25
 

@@ -8,7 +8,7 @@ and, for the dense grid, the drawn models' ``heatmaps/<model>/scores_<tiling>/``
 ``heatmap.overlap``. Nothing in RUN_DIR is written. For each model and grid it prints the means over
 the slides with tumour of:
 
-* tile level (``wsi_asmil.localisation``, the numbers the report gives): Dice of the Otsu-selected
+* tile level (``wsi_asmil.maps.localisation``, the numbers the report gives): Dice of the Otsu-selected
   tiles' union and of the top 10 %, tile AUC (tiles at least half tumour against the rest), and the
   share of attention on tumour;
 * pixel level, the map as drawn: every pixel of the truth mask's grid (``heatmap.localisation.mpp``)
@@ -18,7 +18,7 @@ the slides with tumour of:
 
 On the training grid a pixel has one tile, so its pixel map is that tile's score; on a grid of
 overlap o about (1 - o)^-2 tiles average into each pixel. With ``--draw-mpp`` it also times
-``wsi_asmil.heatmap.draw_slide`` (PNG with tissue clip, GeoJSON and gallery) on the first
+``wsi_asmil.maps.heatmap.draw_slide`` (PNG with tissue clip, GeoJSON and gallery) on the first
 ``--draw-slides`` slides at each resolution, on both grids, in a temporary folder, and reports
 seconds per slide and the overlay's size. Timings on a shared machine are noisy.
 """
@@ -35,10 +35,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from wsi_asmil.masks import read_tumour_mask
-from wsi_asmil.canvas import Grid, mean_values
-from wsi_asmil.heatmap import Style, draw_slide, load_scores
-from wsi_asmil.localisation import LocalisationParams, dice_iou, localise_model, otsu_threshold
+from wsi_asmil.core.canvas import Grid, mean_values
+from wsi_asmil.maps.heatmap import Style, draw_slide, load_scores
+from wsi_asmil.maps.localisation import LocalisationParams, dice_iou, localise_model, otsu_threshold
+from wsi_asmil.tissue.masks import read_tumour_mask
 
 TILE_METRICS = {"dice_otsu": "tile Dice (Otsu)", "dice_topq": "tile Dice (top 10%)", "tile_auc": "tile AUC",
                 "attention_in_tumour": "attention on tumour"}

@@ -9,10 +9,10 @@ measured: wall seconds from outside, and the process's own peak resident memory 
 exits). Steps, per tiling overlap:
 
 1. segmentation and tiling (once per overlap; they give the tile count, reported for context);
-2. ``wsi_asmil.scoring``: a randomly initialised ASMIL (512-d input, the default architecture)
+2. ``wsi_asmil.maps.scoring``: a randomly initialised ASMIL (512-d input, the default architecture)
    scores random float16 features of every tile (the numbers are meaningless, the cost is real),
    ``--chunk-tiles`` tiles at a time (default: scoring's own);
-3. ``wsi_asmil.heatmap``: the overlay PNG at ``--mpp`` with the tissue clip, the QuPath GeoJSON of
+3. ``wsi_asmil.maps.heatmap``: the overlay PNG at ``--mpp`` with the tissue clip, the QuPath GeoJSON of
    every tile and the top-8 gallery; with ``--tiff-mpp`` a second run adds the pyramidal TIFF.
 
 Steps whose outputs are already in ``--work`` are not redone (the slide, its mask, the tiles, the
@@ -83,8 +83,8 @@ def fake_inputs(work: Path, tiles: Path, tag: str) -> tuple[Path, Path, int]:
     """Random features for every tile and a random-weight ASMIL fold checkpoint."""
     import torch
 
-    from wsi_asmil import store
-    from wsi_asmil.models.registry import build_model, save_checkpoint
+    from wsi_asmil.features import store
+    from wsi_asmil.mil.models.registry import build_model, save_checkpoint
 
     feats_path = work / f"features_{tag}.zarr"
     if not feats_path.exists():
@@ -124,19 +124,19 @@ def main() -> None:
     seg = work / "segment"
     results: dict = {"slide": str(slide), "machine": f"{platform.machine()}, {os.cpu_count()} CPU(s)", "runs": []}
     if needs_slide and not (seg / "mask.png").exists():
-        results["segment"] = run("wsi_asmil.segment", ["--slide", str(slide), "--out-dir", str(seg)], logs / "segment.log")
+        results["segment"] = run("wsi_asmil.tissue.segment", ["--slide", str(slide), "--out-dir", str(seg)], logs / "segment.log")
     for overlap in args.overlap:
         tag = f"o{overlap:g}"
         tiles = work / f"tiles_{tag}.zarr"
         row: dict = {"overlap": overlap}
         if not tiles.exists() and not (work / f"features_{tag}.zarr").exists():
-            row["tile"] = run("wsi_asmil.tile", ["--slide", str(slide), "--seg-dir", str(seg), "--out", str(tiles),
+            row["tile"] = run("wsi_asmil.features.tile", ["--slide", str(slide), "--seg-dir", str(seg), "--out", str(tiles),
                               "--qc", str(work / f"grid_{tag}.png"), "--overlap", str(overlap)], logs / f"tile_{tag}.log")
         feats, models, n = fake_inputs(work, tiles, tag)
         row["tiles"] = n
         out = work / f"out_{tag}"
         chunk = ["--chunk-tiles", str(args.chunk_tiles)] if args.chunk_tiles else []
-        row["score"] = run("wsi_asmil.scoring", ["--features", str(feats), "--models-dir", str(models), "--folds", "1",
+        row["score"] = run("wsi_asmil.maps.scoring", ["--features", str(feats), "--models-dir", str(models), "--folds", "1",
                            "--fold", "0", "--device", "cpu", "--out-dir", str(out / "scores"), *chunk],
                            logs / f"score_{tag}.log", threads=args.threads)
         if args.score_only:
@@ -147,10 +147,10 @@ def main() -> None:
         draw = ["--slide", str(slide), "--scores", str(out / "scores" / f"{name}_scores.csv"),
                 "--out", str(out / "heatmap.png"), "--geojson", str(out / "tiles.geojson"), "--gallery", str(out / "topk.jpg"),
                 "--tissue-mask", str(seg / "mask.png"), "--mpp", str(args.mpp)]
-        row["draw"] = run("wsi_asmil.heatmap", draw, logs / f"draw_{tag}.log")
+        row["draw"] = run("wsi_asmil.maps.heatmap", draw, logs / f"draw_{tag}.log")
         row["geojson_mb"] = (out / "tiles.geojson").stat().st_size / 2**20
         if args.tiff_mpp:
-            row["draw_tiff"] = run("wsi_asmil.heatmap", [*draw, "--tiff", str(out / "overlay.tif"), "--tiff-mpp", str(args.tiff_mpp)], logs / f"tiff_{tag}.log")
+            row["draw_tiff"] = run("wsi_asmil.maps.heatmap", [*draw, "--tiff", str(out / "overlay.tif"), "--tiff-mpp", str(args.tiff_mpp)], logs / f"tiff_{tag}.log")
             row["tiff_mb"] = (out / "overlay.tif").stat().st_size / 2**20
         results["runs"].append(row)
         print(json.dumps(row), flush=True)

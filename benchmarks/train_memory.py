@@ -45,7 +45,7 @@ CLASSES = ["negative", "positive"]
 def write_cohort(root: Path, n_slides: int, tiles: int, dim: int, seed: int) -> dict[str, Any]:
     """``n_slides`` stores of ``tiles`` +/- 25 % rows under ``root/features`` and a one-fold split
     (70 % train, 15 % val, 15 % test); positive slides shift 2 % of their tiles. Written once."""
-    from wsi_asmil.store import ROWS_PER_CHUNK, feature_writer
+    from wsi_asmil.features.store import ROWS_PER_CHUNK, feature_writer
 
     split_path = root / "split.json"
     if split_path.is_file():
@@ -80,16 +80,13 @@ def worker(root: Path, budget: str, epochs: int, threads: int) -> dict[str, Any]
     import dask.array  # noqa: F401  (imported before the clocks: the statistics' time is their work)
     import torch
 
-    from wsi_asmil.map_store import MapStore
-    from wsi_asmil.metrics import mean_jsd
-    from wsi_asmil.train import (
-        build_trainer,
-        evaluate,
-        load_fold,
-        maps_scratch,
-        resolve_params,
-        train_one_epoch,
-    )
+    from wsi_asmil.mil.epochs import maps_scratch
+    from wsi_asmil.mil.evaluate import evaluate
+    from wsi_asmil.mil.fold_data import load_fold
+    from wsi_asmil.mil.map_store import MapStore
+    from wsi_asmil.mil.metrics import mean_jsd
+    from wsi_asmil.mil.params import resolve_params
+    from wsi_asmil.mil.trainer import build_trainer, train_one_epoch
 
     torch.set_num_threads(threads)
     device = torch.device("cpu")
@@ -194,7 +191,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
 
 def parse_size(value: str) -> int:
-    from wsi_asmil.bag_source import parse_budget
+    from wsi_asmil.mil.bag_source import parse_budget
 
     return parse_budget(value) or 1
 

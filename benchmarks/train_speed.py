@@ -5,7 +5,7 @@
 
 For ASMIL (N = 8) and ABMIL, on one synthetic cohort, it times:
 
-* ours: ``wsi_asmil.train.train_one_epoch`` as ``train_fold`` runs it: the cohort copied to the
+* ours: ``wsi_asmil.mil.trainer.train_one_epoch`` as ``train_fold`` runs it: the cohort copied to the
   device once (held as ``feature_dtype(device)``: float16 on CUDA, exact since the values are
   float16 numbers as in every feature store), the N token attentions as one batched operation,
   loss totals read once per epoch; in float32, and (CUDA only) with bf16 autocast;
@@ -49,16 +49,12 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, installed or not
 
-from wsi_asmil.models import MILLoss, MILModel  # noqa: E402
-from wsi_asmil.models.asmil import ASMIL, select_tokens  # noqa: E402
-from wsi_asmil.train import (  # noqa: E402
-    Bag,
-    FoldData,
-    build_trainer,
-    feature_dtype,
-    resolve_params,
-    train_one_epoch,
-)
+from wsi_asmil.mil.bag_source import Bag, feature_dtype
+from wsi_asmil.mil.fold_data import FoldData
+from wsi_asmil.mil.models import MILLoss, MILModel  # noqa: E402
+from wsi_asmil.mil.models.asmil import ASMIL, select_tokens  # noqa: E402
+from wsi_asmil.mil.params import resolve_params
+from wsi_asmil.mil.trainer import build_trainer, train_one_epoch
 
 RTOL, ATOL = 1e-4, 1e-5  # per-step loss agreement of ours fp32 with the reference
 

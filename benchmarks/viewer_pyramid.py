@@ -8,7 +8,7 @@ and coarser ones) written once into ``--work`` with its exact tissue and tumour 
 in for the segmentation mask and the truth mask. Scores are random over a grid of 224 px tiles at
 0.5 um/px on the tissue (the viewer only reads them: their values do not change its cost).
 
-The measured step is the workflow's own command, ``python -m wsi_asmil.viewer pyramids``, in its
+The measured step is the workflow's own command, ``python -m wsi_asmil.report.viewer pyramids``, in its
 own process: the slide layer at ``--viewer-mpp`` (JPEG), one heat layer per model at
 ``--overlay-mpp`` (PNG RGBA, tissue-clipped) and the truth outline; wall seconds from outside and
 the process's peak resident memory (VmHWM) at exit. Prints one Markdown table row per run.
@@ -35,7 +35,7 @@ def ensure_slide(work: Path, width: int, height: int) -> Path:
     slide = work / f"slide_{width}x{height}.svs"
     if slide.exists():
         return slide
-    from wsi_asmil.io import write_json
+    from wsi_asmil.core.io import write_json
     from wsi_asmil.synthetic import SlideSpec, write_slide
 
     print(f"writing a {width} x {height} synthetic slide to {slide} ...", flush=True)
@@ -50,7 +50,7 @@ def ensure_slide(work: Path, width: int, height: int) -> Path:
 def fake_scores(work: Path, width: int, height: int, extent: float = 448.0) -> tuple[Path, int]:
     """Random scores of every 224 px tile at 0.5 um/px (448 level-0 px) whose centre is on tissue,
     written as scoring writes a slide's scores."""
-    from wsi_asmil.scores import scores_paths
+    from wsi_asmil.maps.scores import scores_paths
     from wsi_asmil.synthetic.scores import write_synthetic_scores
 
     tissue = cv2.imread(str(work / "mask.png"), cv2.IMREAD_GRAYSCALE) > 0
@@ -91,7 +91,7 @@ def main() -> None:
     cmd = ["pyramids", "--slide", str(slide), "--out-dir", str(out), "--tissue-mask", str(work / "mask.png"),
            "--truth", str(work / "truth.png"), "--viewer-mpp", str(args.viewer_mpp), "--overlay-mpp", str(args.overlay_mpp),
            "--scores", *(f"model{i}={csv}" for i in range(args.models))]
-    seconds, mib = run("wsi_asmil.viewer", cmd, work / "viewer.log")
+    seconds, mib = run("wsi_asmil.report.viewer", cmd, work / "viewer.log")
     files, disk = folder_size(out)
     layers = json.loads((out / "layers.json").read_text())["layers"]
     sizes = {layer["name"]: "x".join(layer["source"]["Image"]["Size"].values()) for layer in layers if "source" in layer}

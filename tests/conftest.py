@@ -58,8 +58,8 @@ def witness_fold(root: Path, spec: WitnessSpec, n_train: int, n_val: int) -> tup
 def ycbcr_misdecode(monkeypatch: pytest.MonkeyPatch) -> None:
     """The direct JPEG reader decodes Aperio's RGB tiles as YCbCr (their APP14 marker dropped):
     a scanner quirk it would get wrong, tens of levels off OpenSlide."""
-    from wsi_asmil import tiff_jpeg
-    from wsi_asmil.tiff_jpeg import JpegTiledLevel
+    from wsi_asmil.slides import tiff_jpeg
+    from wsi_asmil.slides.tiff_jpeg import JpegTiledLevel
 
     find = JpegTiledLevel.find
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from wsi_asmil.tile_geojson import OBJECT_TYPES
+from wsi_asmil.maps.tile_geojson import OBJECT_TYPES
 
 
 def validate_tile_geojson(obj: Any) -> None:

@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 import tifffile
 
-from wsi_asmil.annotations import (
+from wsi_asmil.core.canvas import Grid
+from wsi_asmil.tissue.annotations import (
     AnnotationError,
     find_annotation,
     load_tumour_mask,
     main,
     rasterise,
 )
-from wsi_asmil.canvas import Grid
-from wsi_asmil.masks import read_tumour_mask
+from wsi_asmil.tissue.masks import read_tumour_mask
 
 
 def square(x0: float, y0: float, x1: float, y1: float) -> list[list[float]]:

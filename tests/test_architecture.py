@@ -26,11 +26,11 @@ def test_the_package_keeps_its_layers() -> None:
 
 def test_an_upward_import_breaks_the_build(tmp_path: Path) -> None:
     shutil.copytree(REPO / "wsi_asmil", tmp_path / "wsi_asmil", ignore=shutil.ignore_patterns("__pycache__"))
-    store = tmp_path / "wsi_asmil" / "store.py"
-    store.write_text(store.read_text() + "\nfrom wsi_asmil import train  # noqa: E402\n")
-    heatmap = tmp_path / "wsi_asmil" / "heatmap.py"
+    store = tmp_path / "wsi_asmil" / "features" / "store.py"
+    store.write_text(store.read_text() + "\nfrom wsi_asmil.mil import train  # noqa: E402\n")
+    heatmap = tmp_path / "wsi_asmil" / "maps" / "heatmap.py"
     heatmap.write_text(heatmap.read_text() + "\nimport torch  # noqa: E402\n")
     proc = lint(tmp_path)
     assert proc.returncode != 0
-    assert "wsi_asmil.store -> wsi_asmil.train" in proc.stdout
-    assert "wsi_asmil.heatmap -> torch" in proc.stdout and "1 kept, 2 broken" in proc.stdout
+    assert "wsi_asmil.features.store -> wsi_asmil.mil.train" in proc.stdout
+    assert "wsi_asmil.maps.heatmap -> torch" in proc.stdout and "1 kept, 2 broken" in proc.stdout

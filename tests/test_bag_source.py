@@ -19,7 +19,9 @@ import torch
 import zarr
 from conftest import witness_fold
 
-from wsi_asmil.bag_source import (
+from wsi_asmil.mil import epochs as epochs_module
+from wsi_asmil.mil import evaluate as evaluate_module
+from wsi_asmil.mil.bag_source import (
     BagReadError,
     InMemoryBags,
     StreamingBags,
@@ -28,10 +30,10 @@ from wsi_asmil.bag_source import (
     parse_budget,
     scan_slides,
 )
-from wsi_asmil import train as train_module
-from wsi_asmil.map_store import MapStore
-from wsi_asmil.models.norm import FeatureNorm
-from wsi_asmil.train import load_bags, load_fold, train_fold
+from wsi_asmil.mil.fold_data import load_bags, load_fold
+from wsi_asmil.mil.map_store import MapStore
+from wsi_asmil.mil.models.norm import FeatureNorm
+from wsi_asmil.mil.train import train_fold
 
 CPU = torch.device("cpu")
 
@@ -194,12 +196,12 @@ def test_a_tiny_budget_streams_and_trains_to_identical_results(
             super().__init__(folder)
             folders.setdefault(budget, []).append(folder)
 
-    monkeypatch.setattr(train_module, "MapStore", RecordingStore)
+    monkeypatch.setattr(epochs_module, "MapStore", RecordingStore)
     runs = {}
     for budget in ("auto", "1KiB"):
         out = tmp_path / budget
         if budget == "1KiB":
-            monkeypatch.setattr(train_module, "EVAL_GATHER_ELEMENTS", 1)  # one slide per copy to the host
+            monkeypatch.setattr(evaluate_module, "EVAL_GATHER_ELEMENTS", 1)  # one slide per copy to the host
         train_fold(features_dir, split, 0, model, {**params, "memory_budget": budget}, out, "cpu")
         runs[budget] = out
     memory, stream = runs["auto"], runs["1KiB"]
@@ -229,7 +231,7 @@ def m_bytes(features_dir: Path, split: dict) -> int:
 
 
 def test_the_command_line_budget_overrides_params(witness, tmp_path: Path) -> None:
-    from wsi_asmil.train import main
+    from wsi_asmil.mil.train import main
 
     features_dir, split = witness
     split_path = tmp_path / "split.json"

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from wsi_asmil.cohort import LabelTableError, match_cohort, read_labels
-from wsi_asmil.split import make_split
+from wsi_asmil.mil.split import make_split
+from wsi_asmil.slides.cohort import LabelTableError, match_cohort, read_labels
 
 
 def table(tmp_path: Path, text: str) -> Path:

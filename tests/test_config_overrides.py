@@ -1,10 +1,10 @@
-"""Command-line config values typed by the schema (wsi_asmil.config_overrides)."""
+"""Command-line config values typed by the schema (wsi_asmil.pipeline.config_overrides)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from wsi_asmil.config_overrides import coerce_to_schema
+from wsi_asmil.pipeline.config_overrides import coerce_to_schema
 
 SCHEMA = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
 

@@ -7,11 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from wsi_asmil.console import REPORT_LINE, failed_jobs, filter_stream, summary_lines
+from wsi_asmil.pipeline.console import REPORT_LINE, failed_jobs, filter_stream, summary_lines
 
 FAILING_WORKFLOW = '''
 import sys
-from wsi_asmil.console import summary_lines
+from wsi_asmil.pipeline.console import summary_lines
 
 rule all:
     input: expand("out/{s}.txt", s=["good", "bad one"])

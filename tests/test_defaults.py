@@ -14,12 +14,12 @@ from typing import Any
 import pytest
 import yaml
 
-from wsi_asmil.heatmap import Style
-from wsi_asmil.localisation import LocalisationParams
-from wsi_asmil.models import MODELS, model_defaults
-from wsi_asmil.segment import SegmentParams
-from wsi_asmil.tile import TileParams
-from wsi_asmil.train import DEFAULT_PARAMS
+from wsi_asmil.features.tile import TileParams
+from wsi_asmil.maps.heatmap import Style
+from wsi_asmil.maps.localisation import LocalisationParams
+from wsi_asmil.mil.models import MODELS, model_defaults
+from wsi_asmil.mil.params import DEFAULT_PARAMS
+from wsi_asmil.tissue.segment import SegmentParams
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = yaml.safe_load((REPO / "config.yaml").read_text())
@@ -66,8 +66,8 @@ def test_config_yaml_and_schema_state_the_code_default(key: str, default: Any) -
 def test_trainer_defaults_are_the_model_constructors() -> None:
     import inspect
 
-    from wsi_asmil.models import ANCHOR_DEFAULTS
-    from wsi_asmil.models.ema import Anchor
+    from wsi_asmil.mil.models import ANCHOR_DEFAULTS
+    from wsi_asmil.mil.models.ema import Anchor
 
     assert set(DEFAULT_PARAMS["models"]) == set(MODELS)
     for name, spec in MODELS.items():

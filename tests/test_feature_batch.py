@@ -15,8 +15,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from wsi_asmil import store
-from wsi_asmil.feature_batch import (
+from wsi_asmil.features import store
+from wsi_asmil.features.batch import (
     assign_batches,
     batch_index,
     main,
@@ -26,8 +26,8 @@ from wsi_asmil.feature_batch import (
     report_path,
     slides_per_job,
 )
-from wsi_asmil.segment import SegmentParams, segment_slide
-from wsi_asmil.tile import TileParams, tile_slide
+from wsi_asmil.features.tile import TileParams, tile_slide
+from wsi_asmil.tissue.segment import SegmentParams, segment_slide
 
 REPO = Path(__file__).resolve().parents[1]
 #: A tiny timm network with random weights: these tests are about bookkeeping, not features.
@@ -67,7 +67,7 @@ def test_adding_a_slide_changes_one_batch_until_the_cohort_doubles() -> None:
 
 def test_membership_does_not_depend_on_the_python_process() -> None:
     ids = [f"s{i}" for i in range(50)]
-    code = "import json, sys; from wsi_asmil.feature_batch import assign_batches; print(json.dumps(assign_batches(json.loads(sys.argv[1]), 4)))"
+    code = "import json, sys; from wsi_asmil.features.batch import assign_batches; print(json.dumps(assign_batches(json.loads(sys.argv[1]), 4)))"
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     out = subprocess.run([sys.executable, "-c", code, json.dumps(ids)], capture_output=True, text=True, env=env, check=True)
     assert json.loads(out.stdout) == assign_batches(ids, 4)
@@ -137,7 +137,7 @@ def test_a_failing_slide_fails_alone_and_a_rerun_redoes_only_it(cohort: dict, tm
 
     # Everything current: the job ends before importing torch or building the model.
     code = (
-        "import sys; from wsi_asmil.feature_batch import main; "
+        "import sys; from wsi_asmil.features.batch import main; "
         "main(sys.argv[1:]); assert 'torch' not in sys.modules, 'torch imported'"
     )
     proc = subprocess.run(

@@ -13,14 +13,14 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from wsi_asmil import store
-from wsi_asmil.devices import usable_cores
-from wsi_asmil.encoders import WeightsError, build_encoder
-from wsi_asmil.features import ChunkAlignedBatches, Embedder, extract_slide, fold_batchnorm, loader_settings
-from wsi_asmil.features import main as features_main
-from wsi_asmil.segment import SegmentParams, segment_slide
-from wsi_asmil.slide import Slide
-from wsi_asmil.tile import TileParams, tile_slide
+from wsi_asmil.core.devices import usable_cores
+from wsi_asmil.features import store
+from wsi_asmil.features.encoders import WeightsError, build_encoder
+from wsi_asmil.features.extract import ChunkAlignedBatches, Embedder, extract_slide, fold_batchnorm, loader_settings
+from wsi_asmil.features.extract import main as features_main
+from wsi_asmil.features.tile import TileParams, tile_slide
+from wsi_asmil.slides.slide import Slide
+from wsi_asmil.tissue.segment import SegmentParams, segment_slide
 
 
 class Payload:

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from wsi_asmil.canvas import Grid, colour_table, coverage_count, lookup_mask, mean_values
-from wsi_asmil.heatmap import Style, draw_slide, legend_ticks, normalize, render
-from wsi_asmil.slide import Slide
+from wsi_asmil.core.canvas import Grid, colour_table, coverage_count, lookup_mask, mean_values
+from wsi_asmil.features.tile import TileParams, tile_grid
+from wsi_asmil.maps.heatmap import Style, draw_slide, legend_ticks, normalize, render
+from wsi_asmil.slides.slide import Slide
 from wsi_asmil.synthetic.scores import write_synthetic_scores
-from wsi_asmil.tile import TileParams, tile_grid
 
 #: The synthetic slide: 640 x 640 level-0 px at 0.5 um/px, all tissue; tiles of 32 px.
 SIZE, MPP, TILE = 640, 0.5, 32

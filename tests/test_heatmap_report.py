@@ -11,19 +11,19 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
+from geojson_check import read_tile_geojson, validate_tile_geojson
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from geojson_check import read_tile_geojson, validate_tile_geojson
 from matplotlib import colormaps
 
-from wsi_asmil.canvas import Grid, coverage_count, lookup_mask, mean_values, smooth, tile_spans
-from wsi_asmil.heatmap import Style, draw_slide, main as heatmap_main, normalize, output_mpp, render
-from wsi_asmil.io import write_csv
-from wsi_asmil.report import choose_sample, paired_comparison, write_report
-from wsi_asmil.slide import Slide
+from wsi_asmil.core.canvas import Grid, coverage_count, lookup_mask, mean_values, smooth, tile_spans
+from wsi_asmil.core.io import write_csv
+from wsi_asmil.maps.heatmap import Style, draw_slide, normalize, output_mpp, render
+from wsi_asmil.maps.heatmap import main as heatmap_main
+from wsi_asmil.maps.tile_geojson import write_tile_geojson
+from wsi_asmil.report.build import choose_sample, paired_comparison, write_report
+from wsi_asmil.slides.slide import Slide
 from wsi_asmil.synthetic.scores import write_synthetic_scores
-from wsi_asmil.tile_geojson import write_tile_geojson
-
 
 # --- normalisation ---------------------------------------------------------------------------------
 
@@ -424,8 +424,8 @@ def _raise(exc: BaseException):  # type: ignore[no-untyped-def]
 def test_out_of_memory_while_drawing_names_slide_and_settings_and_leaves_nothing(
     real_slide: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from wsi_asmil import heatmap
-    from wsi_asmil.heatmap import HeatmapMemoryError
+    from wsi_asmil.maps import heatmap
+    from wsi_asmil.maps.heatmap import HeatmapMemoryError
 
     csv, coords, _ = fake_scores(tmp_path, real_slide, 128.0)
     out = tmp_path / "out"
@@ -441,9 +441,9 @@ def test_out_of_memory_while_drawing_names_slide_and_settings_and_leaves_nothing
     assert list(out.iterdir()) == []
     monkeypatch.undo()
     # OpenCV's own allocation failure, in the pyramidal TIFF, names the TIFF's setting.
-    import wsi_asmil.overlay_tiff
+    import wsi_asmil.maps.overlay_tiff
 
-    monkeypatch.setattr(wsi_asmil.overlay_tiff, "write_overlay_tiff", _raise(
+    monkeypatch.setattr(wsi_asmil.maps.overlay_tiff, "write_overlay_tiff", _raise(
         cv2.error("OpenCV(4.10.0) error: (-4:Insufficient memory) Failed to allocate 8589934592 bytes in function 'OutOfMemoryError'")))
     with pytest.raises(HeatmapMemoryError, match=r"heatmap.tiff_mpp \(now 2\)"):
         draw_slide(real_slide, csv, out / "s.png", out_tiff=out / "s.tif", tiff_mpp=2.0, mpp=16.0, max_edge=500, **outputs)
@@ -453,7 +453,7 @@ def test_out_of_memory_while_drawing_names_slide_and_settings_and_leaves_nothing
 def test_drawing_errors_pass_through_and_the_cli_is_clean(
     real_slide: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from wsi_asmil import heatmap
+    from wsi_asmil.maps import heatmap
 
     csv, _, _ = fake_scores(tmp_path, real_slide, 128.0)
     out = tmp_path / "out"

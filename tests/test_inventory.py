@@ -4,10 +4,10 @@ import shutil
 from pathlib import Path
 
 import pandas as pd
-
 from conftest import physical_pattern, write_generic_tiff
-from wsi_asmil.inventory import main, usable_ids
-from wsi_asmil.split import make_split
+
+from wsi_asmil.mil.split import make_split
+from wsi_asmil.slides.inventory import main, usable_ids
 
 
 def test_inventory_lists_every_unusable_slide_with_its_reason(real_slide: Path, tmp_path: Path) -> None:

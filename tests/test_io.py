@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from wsi_asmil.io import write_json
+from wsi_asmil.core.io import write_json
 
 
 def _no_constants(name: str) -> None:

@@ -12,8 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wsi_asmil.annotations import TumourMask, write_tumour_mask
-from wsi_asmil.localisation import (
+from wsi_asmil.maps.localisation import (
     TUMOUR_TILE_FRACTION,
     LocalisationParams,
     dice_iou,
@@ -24,8 +23,9 @@ from wsi_asmil.localisation import (
     summarise,
     top_q_selection,
 )
-from wsi_asmil.masks import mask_fractions
 from wsi_asmil.synthetic.scores import write_synthetic_scores
+from wsi_asmil.tissue.annotations import TumourMask, write_tumour_mask
+from wsi_asmil.tissue.masks import mask_fractions
 
 
 def test_dice_and_iou_of_known_masks() -> None:

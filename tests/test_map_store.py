@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from wsi_asmil.map_store import MapStore
-from wsi_asmil.metrics import mean_jsd
+from wsi_asmil.mil.map_store import MapStore
+from wsi_asmil.mil.metrics import mean_jsd
 
 
 def maps(seed: int, r: int = 4, m: int = 50) -> np.ndarray:

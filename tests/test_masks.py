@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wsi_asmil.masks import mask_fractions, read_tissue_mask, read_tumour_mask
+from wsi_asmil.tissue.masks import mask_fractions, read_tissue_mask, read_tumour_mask
 
 
 @settings(max_examples=40, deadline=None)

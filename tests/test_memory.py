@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from wsi_asmil.memory import BagMemoryError, is_out_of_memory, oom_guard
+from wsi_asmil.core.memory import BagMemoryError, is_out_of_memory, oom_guard
 
 
 def _cv2_allocation_error() -> cv2.error:

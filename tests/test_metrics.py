@@ -12,14 +12,14 @@ from hypothesis.extra.numpy import arrays
 from scipy.special import rel_entr
 from sklearn.metrics import roc_auc_score
 
-from wsi_asmil.metrics import (
+from wsi_asmil.mil.metrics import (
     accuracy,
+    attention_summary,
     auc_macro_ovr,
     classification_metrics,
+    effective_fraction,
     f1_macro,
     f1_micro,
-    attention_summary,
-    effective_fraction,
     is_practically_uniform,
     js_divergence,
     last_mean,

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from wsi_asmil.models import (
+from wsi_asmil.mil.models import (
     ASMIL,
     Anchor,
     MILLoss,
@@ -225,7 +225,10 @@ class _WithBuffers(nn.Module):
 def test_training_moves_the_ema_anchor_by_the_ema_rule(tmp_path) -> None:
     """Through the trainer: after each optimizer step the anchor is m * anchor + (1 - m) * online.
     Without the update the anchor would stay the initial copy and this test fails."""
-    from wsi_asmil.train import Bag, FoldData, build_trainer, resolve_params, train_one_epoch
+    from wsi_asmil.mil.bag_source import Bag
+    from wsi_asmil.mil.fold_data import FoldData
+    from wsi_asmil.mil.params import resolve_params
+    from wsi_asmil.mil.trainer import build_trainer, train_one_epoch
 
     torch.manual_seed(0)
     bags = [Bag(f"s{i}", i % 2, torch.randn(30, 16), torch.tensor(i % 2)) for i in range(3)]
@@ -254,7 +257,7 @@ def test_training_moves_the_ema_anchor_by_the_ema_rule(tmp_path) -> None:
 
 
 def test_anchor_horizon_in_epochs_sets_the_momentum() -> None:
-    from wsi_asmil.train import anchor_momentum, horizon_epochs
+    from wsi_asmil.mil.trainer import anchor_momentum, horizon_epochs
 
     assert anchor_momentum({"anchor_momentum": 0.999, "anchor_horizon_epochs": None}, 15) == 0.999
     assert horizon_epochs(0.999, 400) == pytest.approx(2.5)
@@ -485,7 +488,7 @@ def test_checkpoint_round_trip_with_weights_only(name: str, tmp_path) -> None:
 
 
 def test_feature_norm_is_fitted_on_training_tiles_and_travels_in_the_checkpoint(tmp_path) -> None:
-    from wsi_asmil.models import build_model, load_model, save_checkpoint
+    from wsi_asmil.mil.models import build_model, load_model, save_checkpoint
 
     torch.manual_seed(0)
     bags = [torch.randn(50, 16) * 3 + 5, torch.randn(30, 16) * 0.5 - 2]
@@ -506,7 +509,7 @@ def test_feature_norm_is_fitted_on_training_tiles_and_travels_in_the_checkpoint(
 
 
 def test_acmil_masking_hides_a_share_of_each_branch_top_k() -> None:
-    from wsi_asmil.models.acmil import topk_mask
+    from wsi_asmil.mil.models.acmil import topk_mask
 
     torch.manual_seed(0)
     logits = torch.randn(5, 100)
@@ -523,7 +526,7 @@ def test_acmil_masking_reaches_the_slide_classifier_and_diversity_as_officially(
     """dazhangyu123/ACMIL ACMIL_GA: in training the masked attention (A_out) pools the tiles for
     the branch classifiers and for the slide (softmax(A_out).mean over branches), and the
     diversity term is computed from it too; the reduction has no bias."""
-    from wsi_asmil.models import build_model
+    from wsi_asmil.mil.models import build_model
 
     torch.manual_seed(0)
     model = build_model("acmil", 32, 2, n_branches=3, inner_dim=16).train()
@@ -547,7 +550,7 @@ def test_acmil_masking_reaches_the_slide_classifier_and_diversity_as_officially(
 
 
 def test_acmil_outputs_and_auxiliary_loss_by_hand() -> None:
-    from wsi_asmil.models import build_model
+    from wsi_asmil.mil.models import build_model
 
     torch.manual_seed(0)
     model = build_model("acmil", 32, 3, n_branches=4, inner_dim=16).eval()
@@ -565,7 +568,7 @@ def test_acmil_outputs_and_auxiliary_loss_by_hand() -> None:
 
 
 def test_softmax_target_is_the_no_nsf_ablation() -> None:
-    from wsi_asmil.models.loss import stabilization_loss
+    from wsi_asmil.mil.models.loss import stabilization_loss
 
     online, anchor = torch.randn(2, 3, 7), torch.randn(2, 3, 7)
     target = torch.softmax(anchor / 0.5, dim=-1)
@@ -651,7 +654,7 @@ def test_nystrom_attention_is_exact_when_segments_are_constant() -> None:
     """If the tokens of every landmark segment are equal, the landmarks are the distinct tokens and
     softmax(Q K~) pinv(softmax(Q~ K~)) softmax(Q~ K) = softmax(Q K): the Nystrom formula, and the
     attention row restricted to some keys, must then equal exact attention."""
-    from wsi_asmil.models.transmil import NystromSelfAttention
+    from wsi_asmil.mil.models.transmil import NystromSelfAttention
 
     torch.manual_seed(0)
     att = NystromSelfAttention(32, 8, n_landmarks=4, pinv_iterations=20, dropout=0.0).eval()
@@ -668,7 +671,7 @@ def test_nystrom_attention_is_exact_when_segments_are_constant() -> None:
 
 
 def test_iterative_pinv_converges_to_the_inverse() -> None:
-    from wsi_asmil.models.transmil import iterative_pinv
+    from wsi_asmil.mil.models.transmil import iterative_pinv
 
     torch.manual_seed(0)
     a = torch.softmax(torch.randn(3, 16, 16, dtype=torch.float64), dim=-1)
@@ -677,7 +680,7 @@ def test_iterative_pinv_converges_to_the_inverse() -> None:
 
 def test_ppeg_mixes_grid_neighbours_only_and_keeps_cls() -> None:
     """Row-major 10x10 grid: tile (0, 0) reaches at most 3 rows/columns away (the 7x7 kernel)."""
-    from wsi_asmil.models.transmil import PPEG
+    from wsi_asmil.mil.models.transmil import PPEG
 
     torch.manual_seed(0)
     ppeg = PPEG(8)
@@ -707,7 +710,7 @@ def test_transmil_learns_a_sparse_instance_signal(tmp_path, one_thread) -> None:
     """The cohort of test_train's learning test; the spec defaults (dim 512) and TransMIL's lr."""
     from test_train import CLASSES, make_cohort
 
-    from wsi_asmil.train import train_fold
+    from wsi_asmil.mil.train import train_fold
 
     features_dir, ids, labels = make_cohort(tmp_path, 60, seed=1, m_range=(50, 201), n_signal=8, shift=4.0)
     split = {"classes": CLASSES, "labels": labels, "folds": [{"train": ids[:32], "val": ids[32:40], "test": ids[40:]}]}
@@ -765,7 +768,7 @@ def test_each_asmil_switch_changes_training(tmp_path, one_thread) -> None:
     import pandas as pd
     from test_train import CLASSES, make_cohort
 
-    from wsi_asmil.train import train_fold
+    from wsi_asmil.mil.train import train_fold
 
     features_dir, ids, labels = make_cohort(tmp_path, 16, seed=2, m_range=(20, 41), n_signal=4, shift=3.0)
     split = {"classes": CLASSES, "labels": labels, "folds": [{"train": ids[:12], "val": ids[12:14], "test": ids[14:]}]}
@@ -800,7 +803,7 @@ def test_nsf_is_not_shift_invariant() -> None:
     (offset far below 0: sigmoid(x) ~ e^x), whose effective tile fraction is e^(-2) = 0.135 (a
     log-normal weight with sigma 2), to uniform (offset far above: every sigmoid saturates);
     softmax is unchanged by any offset."""
-    from wsi_asmil.metrics import effective_fraction
+    from wsi_asmil.mil.metrics import effective_fraction
 
     z = torch.randn(200_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     fraction = {c: float(effective_fraction(nsf(z + c, 0.5, eps=0.0).numpy())) for c in (-30.0, 0.0, 30.0)}

@@ -10,10 +10,12 @@ import pandas as pd
 import pytest
 import torch
 
-from wsi_asmil import store
-from wsi_asmil.models.registry import build_model, load_model, save_checkpoint
-from wsi_asmil.predict import gather_predictions, main as predict_main
-from wsi_asmil.scoring import choose_folds, main as scoring_main, parse_fold_mode, score_slides
+from wsi_asmil.features import store
+from wsi_asmil.maps.scoring import choose_folds, parse_fold_mode, score_slides
+from wsi_asmil.maps.scoring import main as scoring_main
+from wsi_asmil.mil.models.registry import build_model, load_model, save_checkpoint
+from wsi_asmil.report.predict import gather_predictions
+from wsi_asmil.report.predict import main as predict_main
 
 DIM = 16
 CLASSES = ["normal", "tumour"]
@@ -125,7 +127,7 @@ def test_out_of_memory_predicting_a_new_slide_is_a_message_not_a_traceback(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
 ) -> None:
     """The predict_attention rule's command (ensemble, no split) on a GPU that runs out of memory."""
-    from wsi_asmil.models.base import MILModel
+    from wsi_asmil.mil.models.base import MILModel
 
     models = tmp_path / "models" / "abmil"
     write_models(models)

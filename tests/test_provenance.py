@@ -1,4 +1,4 @@
-"""Run provenance (wsi_asmil.provenance) and the group-batching fix (wsi_asmil.snakemake_fixes)."""
+"""Run provenance (wsi_asmil.pipeline.provenance) and the group-batching fix (wsi_asmil.pipeline.snakemake_fixes)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from wsi_asmil import __version__, provenance, store
-from wsi_asmil.encoders import sha256_of
+from wsi_asmil import __version__
+from wsi_asmil.core import run_id as run_ids
+from wsi_asmil.features import store
+from wsi_asmil.features.encoders import sha256_of
+from wsi_asmil.pipeline import provenance
 
 
 def test_manifest_records_config_code_versions_weights_and_host(tmp_path: Path) -> None:
@@ -49,18 +52,18 @@ def test_write_manifest_keeps_every_run_and_a_latest_copy(tmp_path: Path) -> Non
 
 
 def test_run_id_reaches_the_stores_of_its_jobs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    for var in (provenance.RUN_ID_ENV, provenance.MANIFEST_ENV):  # restored after the test
+    for var in (run_ids.RUN_ID_ENV, run_ids.MANIFEST_ENV):  # restored after the test
         monkeypatch.setenv(var, "")
         monkeypatch.delenv(var)
     # a job's own Snakemake process without an inherited run id names none (never a new one)
-    assert provenance.run_environment(tmp_path, is_main_process=False) is None
+    assert run_ids.run_environment(tmp_path, is_main_process=False) is None
     store.write_tiles(tmp_path / "by_hand.zarr", np.zeros((1, 2)), np.ones(1), {"slide_id": "s"})
     attrs = store.read_tiles(tmp_path / "by_hand.zarr")[2]
     assert attrs["run_id"] is None and attrs["manifest"] is None and attrs["host"]
 
-    run_id = provenance.run_environment(tmp_path, is_main_process=True)
-    assert os.environ[provenance.RUN_ID_ENV] == run_id
-    assert provenance.run_environment(tmp_path, is_main_process=False) == run_id  # inherited by jobs
+    run_id = run_ids.run_environment(tmp_path, is_main_process=True)
+    assert os.environ[run_ids.RUN_ID_ENV] == run_id
+    assert run_ids.run_environment(tmp_path, is_main_process=False) == run_id  # inherited by jobs
     store.write_tiles(tmp_path / "in_run.zarr", np.zeros((1, 2)), np.ones(1), {"slide_id": "s"})
     attrs = store.read_tiles(tmp_path / "in_run.zarr")[2]
     assert attrs["run_id"] == run_id
@@ -70,7 +73,7 @@ def test_run_id_reaches_the_stores_of_its_jobs(tmp_path: Path, monkeypatch: pyte
 def test_group_job_factory_never_returns_an_enlarged_group() -> None:
     from snakemake import jobs
 
-    from wsi_asmil.snakemake_fixes import patch_group_job_factory
+    from wsi_asmil.pipeline.snakemake_fixes import patch_group_job_factory
 
     assert patch_group_job_factory() and patch_group_job_factory()  # idempotent
 
@@ -98,7 +101,7 @@ def test_group_job_factory_never_returns_an_enlarged_group() -> None:
 def test_fixes_apply_and_are_idempotent() -> None:
     from snakemake import persistence
 
-    from wsi_asmil import snakemake_fixes
+    from wsi_asmil.pipeline import snakemake_fixes
 
     snakemake_fixes.apply()
     snakemake_fixes.apply()

@@ -44,25 +44,25 @@ import pytest
 import tifffile
 import torch
 import yaml
-
 from conftest import CONFIG_FEATURES, physical_pattern, write_generic_tiff
-from wsi_asmil import store
-from wsi_asmil.cohort import LabelTableError, check_split_feasible, match_cohort
-from wsi_asmil.encoders import build_encoder
-from wsi_asmil.feature_batch import assign_batches, slides_per_job
-from wsi_asmil.features import Embedder, FeatureExtractionError, extract_slide
-from wsi_asmil.inventory import probe_slide
-from wsi_asmil.io import write_text
-from wsi_asmil.segment import SegmentParams, segment_slide
-from wsi_asmil.slide import RegionReadError, Slide, SlideError, discover_slides
+
+from wsi_asmil.core.io import write_text
+from wsi_asmil.features import store
+from wsi_asmil.features.batch import assign_batches, slides_per_job
+from wsi_asmil.features.encoders import build_encoder
+from wsi_asmil.features.extract import Embedder, FeatureExtractionError, extract_slide
+from wsi_asmil.features.tile import TileParams, tile_slide
+from wsi_asmil.slides.cohort import LabelTableError, check_split_feasible, match_cohort
+from wsi_asmil.slides.inventory import probe_slide
+from wsi_asmil.slides.slide import RegionReadError, Slide, SlideError, discover_slides
 from wsi_asmil.synthetic import SlideSpec, write_slide
-from wsi_asmil.tile import TileParams, tile_slide
+from wsi_asmil.tissue.segment import SegmentParams, segment_slide
 
 REPO = Path(__file__).resolve().parents[1]
 HOOKS = Path(__file__).parent / "hooks"
 PY = sys.executable
 TILING = "0.5mpp_224px"
-#: The encoder of the tests that call wsi_asmil.features directly: random ResNet-18 (fast, 512-d).
+#: The encoder of the tests that call wsi_asmil.features.extract directly: random ResNet-18 (fast, 512-d).
 ENCODER = "resnet18"
 #: The feature folder of the workflow runs here, which keep config.yaml's encoder.
 WORKFLOW_ENCODER = CONFIG_FEATURES["encoder"]
@@ -152,7 +152,7 @@ def cohort_config(tmp: Path, slides: Path, labels: Path, **extra: object) -> dic
 
 def feature_markers(out: Path, slides: Path, ids: list[str], config: dict = E2E_CONFIG) -> list[str]:
     """The batch markers that stand for the feature stores of ``ids`` (the stores themselves are
-    not Snakemake outputs; see wsi_asmil.feature_batch): the targets that build them."""
+    not Snakemake outputs; see wsi_asmil.features.batch): the targets that build them."""
     per_job = slides_per_job(config["features"].get("slides_per_job", "auto"), config["features"]["device"])
     batches = assign_batches(discover_slides(slides)[0], per_job)
     return sorted(str(out / "features" / TILING / WORKFLOW_ENCODER / "batches" / f"{b}.json")
@@ -183,7 +183,7 @@ def test_unreadable_file_names_file_and_reason(kind: str, real_slide: Path, tmp_
     assert f"'bad {kind}'" in message and str(path) in message
     assert ("empty (0 bytes)" in message) if kind == "zero-byte" else ("truncated, corrupt or not a supported" in message)
     # the stage's command line fails with the same message, the inventory records it
-    proc = subprocess.run([PY, "-m", "wsi_asmil.segment", "--slide", str(path), "--out-dir", str(tmp_path / "seg")],
+    proc = subprocess.run([PY, "-m", "wsi_asmil.tissue.segment", "--slide", str(path), "--out-dir", str(tmp_path / "seg")],
                           capture_output=True, text=True, cwd=REPO)
     assert proc.returncode != 0 and str(path) in proc.stderr and not (tmp_path / "seg").exists()
     row = probe_slide(f"bad {kind}", path)
@@ -201,7 +201,7 @@ def test_unsupported_files_are_ignored_with_a_notice(real_slide: Path, tmp_path:
     (slides / "thumbnail.png").write_bytes(b"\x89PNG\r\n\x1a\n")
     found, ignored = discover_slides(slides)
     assert list(found) == ["a"] and sorted(p.name for p in ignored) == ["notes.txt", "thumbnail.png"]
-    from wsi_asmil.inventory import take_inventory
+    from wsi_asmil.slides.inventory import take_inventory
 
     with caplog.at_level(logging.WARNING):
         table = take_inventory(slides)
@@ -287,7 +287,7 @@ def test_damaged_slide_fails_when_most_tiles_fail(corrupt_pair: dict[str, Path],
 
 
 def test_blank_slide_gives_empty_bag_that_training_skips(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    from wsi_asmil.train import train_fold
+    from wsi_asmil.mil.train import train_fold
 
     blank = blank_slide(tmp_path / "blank.tif")
     with caplog.at_level(logging.WARNING):
@@ -318,7 +318,7 @@ def test_blank_slide_gives_empty_bag_that_training_skips(tmp_path: Path, caplog:
 
 def test_missing_mpp_names_both_ways_in_stage_and_inventory(tmp_path: Path) -> None:
     path = write_generic_tiff(tmp_path / "no mpp.tif", physical_pattern(512, 512, 0.5))
-    proc = subprocess.run([PY, "-m", "wsi_asmil.segment", "--slide", str(path), "--out-dir", str(tmp_path / "seg")],
+    proc = subprocess.run([PY, "-m", "wsi_asmil.tissue.segment", "--slide", str(path), "--out-dir", str(tmp_path / "seg")],
                           capture_output=True, text=True, cwd=REPO)
     assert proc.returncode != 0
     for text in ("slide 'no mpp'", "'mpp' column", "label table", "mpp_fallback"):
@@ -399,7 +399,7 @@ def _killed(proc: subprocess.CompletedProcess) -> bool:
 def test_sigkill_in_tiling_then_rerun_equals_uninterrupted(corrupt_pair: dict[str, Path], tmp_path: Path) -> None:
     slide, seg = corrupt_pair["intact"], corrupt_pair["root"] / "intact" / "seg"
     out = tmp_path / "tiles" / "intact.zarr"
-    cmd = [PY, "-m", "wsi_asmil.tile", "--slide", str(slide), "--seg-dir", str(seg), "--out", str(out), "--qc", str(tmp_path / "grid.png")]
+    cmd = [PY, "-m", "wsi_asmil.features.tile", "--slide", str(slide), "--seg-dir", str(seg), "--out", str(out), "--qc", str(tmp_path / "grid.png")]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=hook_env(WSI_ASMIL_KILL_BEFORE_RENAME="intact.zarr"))
     assert _killed(proc), proc.stderr
     assert not out.exists()  # fully written, but only under its temporary name
@@ -443,7 +443,7 @@ def test_leftover_temporaries_of_dead_writers_on_this_host_are_removed(tmp_path:
 
 def test_sigkill_in_features_then_rerun_resumes_and_equals_uninterrupted(corrupt_pair: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "features" / "intact.zarr"
-    cmd = [PY, "-m", "wsi_asmil.features", "--slide", str(corrupt_pair["intact"]), "--tiles", str(corrupt_pair["tiles"]),
+    cmd = [PY, "-m", "wsi_asmil.features.extract", "--slide", str(corrupt_pair["intact"]), "--tiles", str(corrupt_pair["tiles"]),
            "--out", str(out), "--device", "cpu", "--precision", "fp32", "--batch-size", "4", "--num-workers", "0", "--threads", "1"]
     env = hook_env(WSI_ASMIL_KILL_AFTER_ROWS="intact.zarr:4", WSI_ASMIL_ROWS_PER_CHUNK="4")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -479,13 +479,13 @@ def _tiny_fold(root: Path) -> tuple[Path, Path]:
 
 
 def test_sigkill_in_training_then_rerun_equals_uninterrupted(tmp_path: Path) -> None:
-    from wsi_asmil.models import load_model
-    from wsi_asmil.train import train_fold
+    from wsi_asmil.mil.models import load_model
+    from wsi_asmil.mil.train import train_fold
 
     features_dir, split = _tiny_fold(tmp_path)
     out = tmp_path / "model"
     params = {"epochs": 2, "seed": 3}
-    cmd = [PY, "-m", "wsi_asmil.train", "--features-dir", str(features_dir), "--split", str(split), "--fold", "0",
+    cmd = [PY, "-m", "wsi_asmil.mil.train", "--features-dir", str(features_dir), "--split", str(split), "--fold", "0",
            "--model", "abmil", "--params", json.dumps(params), "--device", "cpu", "--out-dir", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=hook_env(WSI_ASMIL_KILL_AFTER_RENAME="model.pt"))
     assert _killed(proc), proc.stderr
@@ -583,9 +583,9 @@ DISK_FULL_SCRIPT = textwrap.dedent(
     """
     import json, os, sys
     from pathlib import Path
-    from wsi_asmil import store
-    from wsi_asmil.encoders import build_encoder
-    from wsi_asmil.features import extract_slide
+    from wsi_asmil.features import store
+    from wsi_asmil.features.encoders import build_encoder
+    from wsi_asmil.features.extract import extract_slide
     slide, tiles, mnt = sys.argv[1:4]
     out = Path(mnt) / "f.zarr"
     enc = build_encoder("resnet18", "random")
@@ -673,7 +673,7 @@ class _Payload:
 
 
 def test_untrusted_checkpoint_is_refused(tmp_path: Path) -> None:
-    from wsi_asmil.models import load_model
+    from wsi_asmil.mil.models import load_model
 
     marker = tmp_path / "PWNED"
     path = tmp_path / "model.pt"
@@ -704,9 +704,9 @@ def _raise(exc: BaseException):  # type: ignore[no-untyped-def]
     ids=["cuda", "cpu-allocator", "MemoryError"],
 )
 def test_out_of_memory_in_training_names_slide_bag_size_and_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exc: BaseException) -> None:
-    from wsi_asmil.models.abmil import ABMIL
-    from wsi_asmil.memory import BagMemoryError
-    from wsi_asmil.train import train_fold
+    from wsi_asmil.core.memory import BagMemoryError
+    from wsi_asmil.mil.models.abmil import ABMIL
+    from wsi_asmil.mil.train import train_fold
 
     features_dir, split = _tiny_fold(tmp_path)
     monkeypatch.setattr(ABMIL, "forward", _raise(exc))
@@ -721,15 +721,16 @@ def test_out_of_memory_in_training_names_slide_bag_size_and_settings(tmp_path: P
 
 
 def test_out_of_memory_in_evaluation_and_loading(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from wsi_asmil import train as train_module
-    from wsi_asmil.memory import BagMemoryError
-    from wsi_asmil.train import evaluate, load_bags
+    from wsi_asmil.core.memory import BagMemoryError
+    from wsi_asmil.mil.evaluate import evaluate
+    from wsi_asmil.mil.fold_data import load_bags
+    from wsi_asmil.mil.trainer import autocast_factory
 
     features_dir, split = _tiny_fold(tmp_path)
     oom = torch.cuda.OutOfMemoryError("CUDA out of memory.")
     bags, _ = load_bags(features_dir, ["s0"], {"s0": "normal"}, ["normal", "tumour"], torch.device("cpu"))
     with pytest.raises(BagMemoryError, match=r"(?s)evaluating slide 's0', a bag of 10 tiles.*train.device: cpu"):
-        evaluate(_Oom(), bags, 2, train_module.autocast_factory(torch.device("cpu"), False))
+        evaluate(_Oom(), bags, 2, autocast_factory(torch.device("cpu"), False))
 
     real_from_numpy = torch.from_numpy
 
@@ -740,14 +741,14 @@ def test_out_of_memory_in_evaluation_and_loading(tmp_path: Path, monkeypatch: py
         def to(self, device):  # type: ignore[no-untyped-def]
             raise oom
 
-    monkeypatch.setattr(train_module.torch, "from_numpy", lambda a: Huge(a) if a.ndim == 2 else real_from_numpy(a))
+    monkeypatch.setattr(torch, "from_numpy", lambda a: Huge(a) if a.ndim == 2 else real_from_numpy(a))
     with pytest.raises(BagMemoryError, match=r"loading the features of slide 's0', a bag of 10 tiles.*train.device: cpu"):
         load_bags(features_dir, ["s0"], {"s0": "normal"}, ["normal", "tumour"], torch.device("cpu"))
 
 
 def test_out_of_memory_other_errors_pass_through_and_cli_is_clean(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    from wsi_asmil.models.abmil import ABMIL
-    from wsi_asmil.train import main
+    from wsi_asmil.mil.models.abmil import ABMIL
+    from wsi_asmil.mil.train import main
 
     features_dir, split = _tiny_fold(tmp_path)
     monkeypatch.setattr(ABMIL, "forward", _raise(ValueError("a real bug")))
@@ -896,7 +897,7 @@ def planned(proc: subprocess.CompletedProcess) -> dict[str, int]:
 
 def _run_outputs(out: Path, ids: list[str]) -> dict:
     """What an uninterrupted and an interrupted-then-rerun workflow must agree on."""
-    from wsi_asmil.models import load_model
+    from wsi_asmil.mil.models import load_model
 
     result: dict = {}
     for sid in ids:
@@ -922,7 +923,7 @@ def test_sigkill_workflow_in_tiling_features_and_training_then_rerun_equals_unin
     labels.write_text("slide_id,label\n" + "".join(f"{s},{['normal', 'tumour'][i % 2 == 0]}\n" for i, s in enumerate(ids)))
     wd = workdir(tmp_path)
     config = cohort_config(tmp_path, slides, labels)
-    # one slide per features job but s0 and s1, which share a batch (wsi_asmil.feature_batch)
+    # one slide per features job but s0 and s1, which share a batch (wsi_asmil.features.batch)
     config["features"]["slides_per_job"] = 1
     out = Path(config["out_dir"])
     targets = [*train_targets(out), str(out / "report" / "metrics.json")]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from wsi_asmil.run_layout import RunLayout, fold_checkpoint, link_from_report
+from wsi_asmil.core.run_layout import RunLayout, fold_checkpoint, link_from_report
 
 
 def test_paths_keep_snakemake_wildcards_and_fill_values() -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from wsi_asmil.scores import ScoresFormatError, read_meta, read_scores, scores_paths, slide_id_of
+from wsi_asmil.maps.scores import ScoresFormatError, read_meta, read_scores, scores_paths, slide_id_of
 from wsi_asmil.synthetic.scores import write_synthetic_scores
 
 
@@ -48,7 +48,7 @@ def test_the_table_must_match_its_record(tmp_path: Path) -> None:
 def test_an_incomplete_record_is_never_written(tmp_path: Path) -> None:
     import pandas as pd
 
-    from wsi_asmil.scores import write_scores
+    from wsi_asmil.maps.scores import write_scores
 
     with pytest.raises(ScoresFormatError, match="lacks"):
         write_scores(tmp_path, pd.DataFrame({"x": [], "y": [], "score": []}), {"slide_id": "s"})

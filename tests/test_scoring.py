@@ -10,11 +10,12 @@ import pandas as pd
 import pytest
 import torch
 
-from wsi_asmil import store
-from wsi_asmil.models.abmil import ABMIL
-from wsi_asmil.models.base import MILModel, splits_at_softmax
-from wsi_asmil.models.registry import MODELS, build_model, load_model, save_checkpoint
-from wsi_asmil.scoring import ModelScorer, SoftmaxPool, main as scoring_main, score_slides
+from wsi_asmil.features import store
+from wsi_asmil.maps.scoring import ModelScorer, SoftmaxPool, score_slides
+from wsi_asmil.maps.scoring import main as scoring_main
+from wsi_asmil.mil.models.abmil import ABMIL
+from wsi_asmil.mil.models.base import MILModel, splits_at_softmax
+from wsi_asmil.mil.models.registry import MODELS, build_model, load_model, save_checkpoint
 
 DIM = 24
 CLASSES = ["a", "b", "c"]
@@ -225,7 +226,7 @@ def leftovers(out: Path) -> list[str]:
 def test_out_of_memory_while_scoring_names_slide_tiles_and_settings(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exc: BaseException,
 ) -> None:
-    from wsi_asmil.memory import BagMemoryError
+    from wsi_asmil.core.memory import BagMemoryError
 
     models = tmp_path / "models" / "asmil"
     write_models(models, "asmil")
@@ -241,7 +242,7 @@ def test_out_of_memory_while_scoring_names_slide_tiles_and_settings(
 
 
 def test_out_of_memory_advice_on_a_gpu_and_for_whole_bag_models() -> None:
-    from wsi_asmil.scoring import scoring_advice
+    from wsi_asmil.maps.scoring import scoring_advice
 
     advice = scoring_advice(torch.device("cuda"), 8192)
     assert "set heatmap.device: cpu" in advice and "free the GPU" in advice and "(now 8192)" in advice
@@ -250,8 +251,8 @@ def test_out_of_memory_advice_on_a_gpu_and_for_whole_bag_models() -> None:
 
 
 def test_out_of_memory_while_writing_leaves_neither_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from wsi_asmil import scores
-    from wsi_asmil.memory import BagMemoryError
+    from wsi_asmil.core.memory import BagMemoryError
+    from wsi_asmil.maps import scores
 
     models = tmp_path / "models" / "abmil"
     write_models(models, "abmil")

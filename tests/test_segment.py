@@ -6,11 +6,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-
 from conftest import write_generic_tiff
-from wsi_asmil.masks import read_tissue_mask
-from wsi_asmil.segment import SegmentParams, segment_image, segment_slide
-from wsi_asmil.slide import Slide
+
+from wsi_asmil.slides.slide import Slide
+from wsi_asmil.tissue.masks import read_tissue_mask
+from wsi_asmil.tissue.segment import SegmentParams, segment_image, segment_slide
 
 PINK = (235, 160, 200)
 WHITE = (242, 242, 242)

@@ -5,9 +5,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-
 from conftest import physical_pattern, write_generic_tiff
-from wsi_asmil.slide import Slide, SlideError, discover_slides
+
+from wsi_asmil.slides.slide import Slide, SlideError, discover_slides
 
 
 def test_real_slide_metadata(real_slide: Path) -> None:

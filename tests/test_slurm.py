@@ -31,9 +31,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-
 from conftest import CONFIG_FEATURES
-from wsi_asmil import store
+
+from wsi_asmil.features import store
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(REPO)]
@@ -47,7 +47,7 @@ local_cluster = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(local_cluster)
 
 N_SLIDES = 4
-SLIDES_PER_JOB = 3  # batches of 3 and 1 slides: uneven on purpose (see wsi_asmil.snakemake_fixes)
+SLIDES_PER_JOB = 3  # batches of 3 and 1 slides: uneven on purpose (see wsi_asmil.pipeline.snakemake_fixes)
 BATCH_SIZES = [1, 3]
 MAPS_PER_JOB = 3  # drawings and truth masks per draw group job
 BATCH_ENV = {"WSI_ASMIL_SLIDES_PER_JOB": str(SLIDES_PER_JOB), "WSI_ASMIL_MAPS_PER_JOB": str(MAPS_PER_JOB)}
@@ -57,7 +57,7 @@ TINY = {
     "train": {"epochs": 2, "models": ["asmil"], "threads": 1},
     "heatmap": {"models": ["asmil"]},
     # one thread everywhere: the local and the cluster run compute bit-identical numbers; feature
-    # batches of 3 and 1 slides (wsi_asmil.feature_batch hashes the ids of demo_000..003 that way)
+    # batches of 3 and 1 slides (wsi_asmil.features.batch hashes the ids of demo_000..003 that way)
     "features": {"threads": 1, "slides_per_job": 2},
 }
 FEATURE_BATCHES = {"0-of-2": ["demo_000", "demo_001", "demo_003"], "1-of-2": ["demo_002"]}

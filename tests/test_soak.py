@@ -16,10 +16,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from test_reliability import (
+    TILING,
+    WORKFLOW_ENCODER,
+    blank_slide,
+    corrupt_tile,
+    make_slide,
+    planned,
+    snakemake,
+    workdir,
+)
 
-from test_reliability import (TILING, WORKFLOW_ENCODER, blank_slide, corrupt_tile, make_slide, planned,
-                              snakemake, workdir)
-from wsi_asmil import store
+from wsi_asmil.features import store
 from wsi_asmil.synthetic import write_cohort
 
 N_SLIDES = 52

@@ -5,10 +5,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from wsi_asmil import store
-from wsi_asmil.segment import SegmentParams, segment_slide
-from wsi_asmil.slide import Slide
-from wsi_asmil.tile import TileParams, grid_origins, tile_grid, tile_slide
+from wsi_asmil.features import store
+from wsi_asmil.features.tile import TileParams, grid_origins, tile_grid, tile_slide
+from wsi_asmil.slides.slide import Slide
+from wsi_asmil.tissue.segment import SegmentParams, segment_slide
 
 
 def test_extent_is_physical_not_rounded() -> None:

@@ -1,4 +1,4 @@
-"""Reader choice (wsi_asmil.tile_reader): the direct JPEG reader is used only where it agrees with
+"""Reader choice (wsi_asmil.slides.tile_reader): the direct JPEG reader is used only where it agrees with
 OpenSlide, gives OpenSlide's pixels, and falls back to OpenSlide tile by tile."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from conftest import write_generic_tiff
 
-from wsi_asmil.slide import Slide
-from wsi_asmil.tiff_jpeg import JpegTiledLevel
-from wsi_asmil.tile_reader import DIRECT_READER_TOLERANCE, ReadPlan, TileReader, block_means
+from wsi_asmil.slides.slide import Slide
+from wsi_asmil.slides.tiff_jpeg import JpegTiledLevel
+from wsi_asmil.slides.tile_reader import DIRECT_READER_TOLERANCE, ReadPlan, TileReader, block_means
 
 
 def middle_coords(slide: Slide, n: int = 4, step: int = 300) -> np.ndarray:

@@ -15,19 +15,12 @@ import torch
 import zarr
 from conftest import witness_fold
 
-from wsi_asmil.models import MODELS, load_model
-from wsi_asmil.train import (
-    DEFAULT_PARAMS,
-    build_trainer,
-    evaluate,
-    load_bags,
-    load_fold,
-    lr_schedule,
-    main,
-    resolve_params,
-    train_fold,
-    train_one_epoch,
-)
+from wsi_asmil.mil.evaluate import evaluate
+from wsi_asmil.mil.fold_data import load_bags, load_fold
+from wsi_asmil.mil.models import MODELS, load_model
+from wsi_asmil.mil.params import DEFAULT_PARAMS, resolve_params
+from wsi_asmil.mil.train import main, train_fold
+from wsi_asmil.mil.trainer import build_trainer, lr_schedule, train_one_epoch
 
 CLASSES = ["normal", "tumour"]
 OUTPUTS = [
@@ -319,7 +312,7 @@ def test_float16_held_features_train_and_evaluate_exactly_as_float32(cohort) -> 
 
 
 def test_float16_is_used_only_where_it_is_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import wsi_asmil.store as store
+    import wsi_asmil.features.store as store
 
     exact = np.float16([[0.5, -3.25], [1e-3, 2.0]]).astype(np.float32)
     inexact = np.float32([[0.1, 1e6]])

@@ -28,13 +28,13 @@ import pandas as pd
 import pytest
 from conftest import physical_pattern, write_generic_tiff
 
-from wsi_asmil import vendor, viewer
-from wsi_asmil.canvas import Grid, colour_table
-from wsi_asmil.deepzoom import DZI_NS, Pyramid, write_dzi, write_tiles
-from wsi_asmil.heatmap import Style, normalize, render
-from wsi_asmil.scores import ScoresFormatError
-from wsi_asmil.io import write_json
-from wsi_asmil.slide import Slide
+from wsi_asmil.core.canvas import Grid, colour_table
+from wsi_asmil.core.io import write_json
+from wsi_asmil.maps.deepzoom import DZI_NS, Pyramid, write_dzi, write_tiles
+from wsi_asmil.maps.heatmap import Style, normalize, render
+from wsi_asmil.maps.scores import ScoresFormatError
+from wsi_asmil.report import vendor, viewer
+from wsi_asmil.slides.slide import Slide
 from wsi_asmil.synthetic.scores import write_synthetic_scores
 
 ARTIFACTS = Path(os.environ.get("WSI_ASMIL_ARTIFACTS") or Path(__file__).parent / "artifacts")
@@ -250,7 +250,7 @@ def test_a_failed_build_leaves_no_folder(tmp_path: Path) -> None:
 
 
 def test_sample_is_the_reports(tmp_path: Path) -> None:
-    from wsi_asmil.report import choose_sample
+    from wsi_asmil.report.build import choose_sample
 
     for sid, area in [("a", 5.0), ("b", 0.0), ("c", 9.0), ("d", 0.0)]:
         write_json(tmp_path / f"{sid}.json", {"tumour_area_um2": area})
@@ -301,7 +301,7 @@ def test_vendoring_checks_the_hash_and_keeps_script_images_and_licence(tmp_path:
     with pytest.raises(vendor.VendorError, match="sha512"):
         vendor.check_integrity(data)  # not the pinned release
     monkeypatch.setenv("WSI_ASMIL_VENDOR_DIR", str(tmp_path / "cache"))
-    with pytest.raises(vendor.VendorError, match="make install.*python -m wsi_asmil.vendor.*viewer.enabled"):
+    with pytest.raises(vendor.VendorError, match="make install.*python -m wsi_asmil.report.vendor.*viewer.enabled"):
         vendor.installed()
     vendor.unpack(data, vendor.vendor_dir())
     copy = vendor.copy_into(tmp_path / "report" / "viewer" / "openseadragon")

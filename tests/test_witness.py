@@ -15,7 +15,7 @@ from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from wsi_asmil import store
+from wsi_asmil.features import store
 from wsi_asmil.synthetic import witness
 from wsi_asmil.synthetic.witness import WitnessSpec, bag_labels, bag_rng, make_bag, make_bag_tiles, witness_world
 
@@ -211,7 +211,7 @@ def test_decoys_fool_a_look_alike_detector(bags) -> None:
 def test_training_reads_the_cohort_and_truth_is_in_row_order(cohort: Path) -> None:
     import torch
 
-    from wsi_asmil.train import load_bags
+    from wsi_asmil.mil.fold_data import load_bags
 
     spec = dataclasses.replace(SPEC, n_bags=12)
     labels = pd.read_csv(cohort / "labels.csv")
@@ -247,7 +247,7 @@ def test_read_tile_truth_is_none_for_an_ordinary_store(tmp_path: Path) -> None:
 
 
 def test_labels_feed_make_split(cohort: Path) -> None:
-    from wsi_asmil.split import make_split
+    from wsi_asmil.mil.split import make_split
 
     split = make_split(cohort / "labels.csv", "kfold", 3, 0.2, 0)
     assert split["classes"] == ["negative", "positive"]

@@ -15,11 +15,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-
 from conftest import CONFIG_FEATURES
-from wsi_asmil import store
-from wsi_asmil.provenance import weights_identity
 from geojson_check import read_tile_geojson
+
+from wsi_asmil.features import store
+from wsi_asmil.pipeline.provenance import weights_identity
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(REPO)]
@@ -282,7 +282,7 @@ def test_scoring_jobs_take_the_heatmap_sections_threads(finished_run: tuple[Path
     edit = {"heatmap": {"threads": 1}, "train": {"threads": 2}}
     proc = snakemake("-n", "-p", "--forcerun", "attention", "heatmap_attention", "predict_attention", config=deep_merge(config, edit), tmp=tmp)
     commands = [line.strip().removeprefix("Shell command:").strip()
-                for line in (proc.stdout + proc.stderr).splitlines() if "-m wsi_asmil.scoring" in line]
+                for line in (proc.stdout + proc.stderr).splitlines() if "-m wsi_asmil.maps.scoring" in line]
     cohort = [c for c in commands if "/predict/" not in c.split("--out-dir")[1]]
     new = [c for c in commands if "/predict/" in c.split("--out-dir")[1]]
     assert len(cohort) == 3 and len(new) == 2, commands
@@ -345,7 +345,7 @@ def test_list_changes_names_the_outputs_an_edit_affects(finished_run: tuple[Path
     listed = {line.strip() for line in proc.stdout.splitlines() if line.strip().startswith(str(out))}
     assert str(out / "models" / "asmil" / "fold0" / "model.pt") in listed
     assert not any("/segment/" in p or "/tiles/" in p or "/features/" in p for p in listed)
-    # nothing changed, nothing listed (Snakemake 9.27 alone lists every output: wsi_asmil.snakemake_fixes)
+    # nothing changed, nothing listed (Snakemake 9.27 alone lists every output: wsi_asmil.pipeline.snakemake_fixes)
     assert not snakemake("--list-changes", "params", config=config, tmp=tmp).stdout.strip()
 
 
@@ -370,7 +370,7 @@ def test_run_manifest_and_store_pointers(finished_run: tuple[Path, dict]) -> Non
 def test_adding_a_slide_reruns_one_feature_batch_and_recomputes_only_that_slide(tmp_path: Path) -> None:
     """Six slides in batches of two (four batches), then a seventh: one batch job runs again, it
     embeds the new slide alone and keeps its batch-mates' stores; the other batches do not run."""
-    from wsi_asmil.feature_batch import assign_batches
+    from wsi_asmil.features.batch import assign_batches
     from wsi_asmil.synthetic import write_cohort
 
     write_cohort(tmp_path / "gen", n_slides=7, seed=2, width=2048, height=1536, mpp=0.25)

@@ -7,7 +7,7 @@ import shlex
 
 import pytest
 
-from wsi_asmil.workflow_args import mpp_options, options, train_params
+from wsi_asmil.pipeline.workflow_args import mpp_options, options, train_params
 
 
 def test_options_follow_the_keys() -> None:
@@ -23,8 +23,8 @@ def test_options_follow_the_keys() -> None:
 
 
 @pytest.mark.parametrize("section,module", [
-    ("segment", "wsi_asmil.segment"), ("tiling", "wsi_asmil.tile"), ("split", "wsi_asmil.split"),
-    ("demo", "wsi_asmil.synthetic"), ("features", "wsi_asmil.feature_batch"),
+    ("segment", "wsi_asmil.tissue.segment"), ("tiling", "wsi_asmil.features.tile"), ("split", "wsi_asmil.mil.split"),
+    ("demo", "wsi_asmil.synthetic"), ("features", "wsi_asmil.features.batch"),
 ])
 def test_each_stage_accepts_the_options_of_its_config_section(section: str, module: str) -> None:
     """A config key the CLI does not know would fail only when the job starts; catch it here."""

@@ -6,7 +6,7 @@ run, whose jobs inherit them. Without them this module does nothing.
 
 ``WSI_ASMIL_KILL_BEFORE_RENAME=<text>``
     SIGKILL the process when an output whose path contains ``<text>`` is completely written to
-    its temporary name but not yet renamed into place (``wsi_asmil.io.atomic_path``).
+    its temporary name but not yet renamed into place (``wsi_asmil.core.io.atomic_path``).
 ``WSI_ASMIL_KILL_AFTER_RENAME=<text>``
     SIGKILL right after such an output is in place, before the job's other outputs are.
 ``WSI_ASMIL_KILL_AFTER_ROWS=<text>:<n>``
@@ -52,7 +52,7 @@ def _matches(var: str, path: object) -> bool:
 
 
 def _install() -> None:
-    from wsi_asmil import io  # patched before any module binds atomic_path by name
+    from wsi_asmil.core import io  # patched before any module binds atomic_path by name
 
     original = io.atomic_path
 
@@ -72,7 +72,7 @@ def _install() -> None:
             _kill()
 
     io.atomic_path = atomic_path
-    from wsi_asmil import store
+    from wsi_asmil.features import store
 
     chunk = os.environ.get("WSI_ASMIL_ROWS_PER_CHUNK")
     if chunk:

@@ -7,14 +7,14 @@ from pathlib import Path
 sys.path.insert(0, workflow.basedir)
 
 from wsi_asmil import __version__ as VERSION
-from wsi_asmil.cohort import check_split_feasible, match_cohort
-from wsi_asmil.inventory import usable_ids
-from wsi_asmil.packaged_weights import check_weights_setting
-from wsi_asmil.run_layout import RunLayout
-from wsi_asmil.workflow_args import mpp_options, options, train_params
-from wsi_asmil.slide import discover_slides
+from wsi_asmil.slides.cohort import check_split_feasible, match_cohort
+from wsi_asmil.slides.inventory import usable_ids
+from wsi_asmil.features.packaged_weights import check_weights_setting
+from wsi_asmil.core.run_layout import RunLayout
+from wsi_asmil.pipeline.workflow_args import mpp_options, options, train_params
+from wsi_asmil.slides.slide import discover_slides
 from wsi_asmil.synthetic import demo_slide_ids
-from wsi_asmil.tile import TileParams
+from wsi_asmil.features.tile import TileParams
 
 from snakemake.settings.types import DeploymentMethod
 
@@ -64,7 +64,7 @@ ENCODER = config["features"]["encoder"].replace("/", "_").replace(":", "_")
 FOLDS = list(range(1 if config["split"]["mode"] == "fixed" else config["split"]["folds"]))
 MODELS = config["train"]["models"]
 
-# Every path comes from wsi_asmil.run_layout, which the package's stages use as well.
+# Every path comes from wsi_asmil.core.run_layout, which the package's stages use as well.
 LAYOUT = RunLayout(OUT, TILING, ENCODER)
 INVENTORY = LAYOUT.inventory
 SEG_DIR = LAYOUT.segment()

@@ -1,10 +1,10 @@
-# Feature extraction runs in batches of slides (wsi_asmil.feature_batch): one job builds the model
+# Feature extraction runs in batches of slides (wsi_asmil.features.batch): one job builds the model
 # once and writes each member's own store (FEATURES) atomically. The job's Snakemake output is the
 # batch's marker, never the stores, because Snakemake deletes a job's outputs before rerunning it:
 # a batch rerun for one added or failed slide keeps its finished members (the job skips every store
 # whose recorded request still matches). Consumers wait for the markers of their slides' batches
 # (feature_markers) and get the store paths as before.
-from wsi_asmil.feature_batch import assign_batches, members_json, slides_per_job
+from wsi_asmil.features.batch import assign_batches, members_json, slides_per_job
 
 # Settings that change speed, never results: not params, so editing them re-runs nothing (except
 # slides_per_job, which re-forms the batches: their jobs rerun, keep every store, and downstream
@@ -60,7 +60,7 @@ rule features:
     benchmark:
         f"{OUT}/benchmarks/features/{TILING}/{ENCODER}/batch-{{batch}}.tsv"
     shell:
-        "{PY} -m wsi_asmil.feature_batch --members {params.members:q} --marker {output.marker:q}"
+        "{PY} -m wsi_asmil.features.batch --members {params.members:q} --marker {output.marker:q}"
         " {params.args} {params.mpp} --threads {threads}"
         " --batch-size {config[features][batch_size]} --num-workers {config[features][num_workers]}"
         " {COMPILE_FLAG} > {log:q} 2>&1"

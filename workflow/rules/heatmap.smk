@@ -6,7 +6,7 @@
 # With heatmap.overlap above tiling.overlap the drawn slides are also tiled on that denser grid,
 # embedded by the features rule's own command and scored by the same fold models: the drawing
 # averages the overlapping scores per pixel. Localisation stays on the training grid's scores.
-from wsi_asmil.annotations import find_annotation
+from wsi_asmil.tissue.annotations import find_annotation
 
 HEATMAP = config["heatmap"]
 LOCALISATION = HEATMAP["localisation"]
@@ -133,7 +133,7 @@ rule attention:
     benchmark:
         f"{OUT}/benchmarks/attention/{{model}}.tsv"
     shell:
-        "OMP_NUM_THREADS={threads} {PY} -m wsi_asmil.scoring --features {params.stores:q}"
+        "OMP_NUM_THREADS={threads} {PY} -m wsi_asmil.maps.scoring --features {params.stores:q}"
         " --models-dir {params.models_dir:q} --model-name {wildcards.model} --folds {params.folds}"
         " --fold {params.fold} {params.split} --device {config[heatmap][device]}"
         " --out-dir {output:q} > {log:q} 2>&1"
@@ -221,7 +221,7 @@ rule heatmap:
     benchmark:
         f"{OUT}/benchmarks/heatmap/{{model}}/{{slide}}.tsv"
     shell:
-        "{PY} -m wsi_asmil.heatmap --slide {input.slide:q} --scores {params.scores:q}"
+        "{PY} -m wsi_asmil.maps.heatmap --slide {input.slide:q} --scores {params.scores:q}"
         " --out {output.image:q} --geojson {output.geojson:q} --gallery {output.gallery:q}"
         " {params.files} {params.args} {params.mpp} > {log:q} 2>&1"
 
@@ -239,7 +239,7 @@ rule heatmap_legend:
     benchmark:
         f"{OUT}/benchmarks/heatmap_legend.tsv"
     shell:
-        "{PY} -m wsi_asmil.heatmap --legend {output:q} {params.args} > {log:q} 2>&1"
+        "{PY} -m wsi_asmil.maps.heatmap --legend {output:q} {params.args} > {log:q} 2>&1"
 
 
 rule truth:
@@ -262,7 +262,7 @@ rule truth:
     benchmark:
         f"{OUT}/benchmarks/truth/{{slide}}.tsv"
     shell:
-        "{PY} -m wsi_asmil.annotations --slide {input.slide:q} --annotation {params.source:q}"
+        "{PY} -m wsi_asmil.tissue.annotations --slide {input.slide:q} --annotation {params.source:q}"
         " {params.args} {params.mpp} --out {output.png:q} --out-json {output.json:q} > {log:q} 2>&1"
 
 
@@ -283,6 +283,6 @@ rule localisation:
     benchmark:
         f"{OUT}/benchmarks/localisation/{{model}}.tsv"
     shell:
-        "{PY} -m wsi_asmil.localisation --model {wildcards.model} --scores {input.scores:q}"
+        "{PY} -m wsi_asmil.maps.localisation --model {wildcards.model} --scores {input.scores:q}"
         " --truth {input.truth:q} {params.args} --out-csv {output.csv:q} --out-json {output.json:q}"
         " > {log:q} 2>&1"

@@ -1,4 +1,4 @@
-# Every slide is opened once up front; unusable ones are listed, never scheduled (see wsi_asmil.inventory).
+# Every slide is opened once up front; unusable ones are listed, never scheduled (see wsi_asmil.slides.inventory).
 
 
 checkpoint inventory:
@@ -18,5 +18,5 @@ checkpoint inventory:
     benchmark:
         f"{OUT}/benchmarks/inventory.tsv"
     shell:
-        "{PY} -m wsi_asmil.inventory --slides-dir {params.slides_dir:q} --labels {input.labels:q}"
+        "{PY} -m wsi_asmil.slides.inventory --slides-dir {params.slides_dir:q} --labels {input.labels:q}"
         " {params.mpp} --out {output:q} > {log:q} 2>&1"

@@ -2,7 +2,7 @@
 # through segment, tile and features (the same rules; a folder's slides under predict/ so their
 # ids never collide with the cohort's), then every fold model (or one), giving
 # predict/predictions.csv and heatmaps. No labels, no retraining.
-from wsi_asmil.inventory import usable_ids as _usable_ids
+from wsi_asmil.slides.inventory import usable_ids as _usable_ids
 
 PREDICT = config["predict"]
 PREDICT_LAYOUT = LAYOUT.predict()
@@ -108,7 +108,7 @@ if PREDICT_FOLDER:
         benchmark:
             f"{OUT}/benchmarks/predict/inventory.tsv"
         shell:
-            "{PY} -m wsi_asmil.inventory --slides-dir {params.slides_dir:q} {params.mpp} --out {output:q} > {log:q} 2>&1"
+            "{PY} -m wsi_asmil.slides.inventory --slides-dir {params.slides_dir:q} {params.mpp} --out {output:q} > {log:q} 2>&1"
 
     use rule segment as predict_segment with:
         input:
@@ -208,5 +208,5 @@ rule predict:
     benchmark:
         f"{OUT}/benchmarks/predict/predictions.tsv"
     shell:
-        "{PY} -m wsi_asmil.predict --scores {input.scores:q} --inventory {input.inventory:q}"
+        "{PY} -m wsi_asmil.report.predict --scores {input.scores:q} --inventory {input.inventory:q}"
         " --slides {params.slides} --out {output:q} > {log:q} 2>&1"

@@ -44,6 +44,6 @@ rule report:
     benchmark:
         f"{OUT}/benchmarks/report.tsv"
     shell:
-        "{PY} -m wsi_asmil.report --models-dir {params.models_dir:q} --models {params.models:q}"
+        "{PY} -m wsi_asmil.report.build --models-dir {params.models_dir:q} --models {params.models:q}"
         " --folds {params.folds} --out-dir {REPORT:q} --split {input.split:q} --inventory {input.inventory:q}"
         " {params.extra} > {log:q} 2>&1"

@@ -20,5 +20,5 @@ rule segment:
     benchmark:
         f"{OUT}/benchmarks/segment/{{slide}}.tsv"
     shell:
-        "{PY} -m wsi_asmil.segment --slide {input.slide:q} --out-dir {params.out_dir:q}"
+        "{PY} -m wsi_asmil.tissue.segment --slide {input.slide:q} --out-dir {params.out_dir:q}"
         " {params.args} {params.mpp} > {log:q} 2>&1"

@@ -20,5 +20,5 @@ rule tile:
     benchmark:
         f"{OUT}/benchmarks/tile/{TILING}/{{slide}}.tsv"
     shell:
-        "{PY} -m wsi_asmil.tile --slide {input.slide:q} --seg-dir {params.seg_dir:q}"
+        "{PY} -m wsi_asmil.features.tile --slide {input.slide:q} --seg-dir {params.seg_dir:q}"
         " --out {output.store:q} --qc {output.qc:q} {params.args} {params.mpp} > {log:q} 2>&1"

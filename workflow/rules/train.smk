@@ -16,12 +16,12 @@ rule split:
     benchmark:
         f"{OUT}/benchmarks/split.tsv"
     shell:
-        "{PY} -m wsi_asmil.split --labels {input.labels:q} --inventory {input.inventory:q}"
+        "{PY} -m wsi_asmil.mil.split --labels {input.labels:q} --inventory {input.inventory:q}"
         " --out {output:q} {params.args} > {log:q} 2>&1"
 
 
 def train_params_json(wildcards):
-    """The train section for this job's model only (wsi_asmil.workflow_args.train_params)."""
+    """The train section for this job's model only (wsi_asmil.pipeline.workflow_args.train_params)."""
     return train_params(config["train"], wildcards.model)
 
 
@@ -52,7 +52,7 @@ rule train:
     benchmark:
         f"{OUT}/benchmarks/train/{{model}}/fold{{fold}}.tsv"
     shell:
-        "OMP_NUM_THREADS={threads} {PY} -m wsi_asmil.train --features-dir {params.features_dir:q}"
+        "OMP_NUM_THREADS={threads} {PY} -m wsi_asmil.mil.train --features-dir {params.features_dir:q}"
         " --split {input.split:q} --fold {wildcards.fold} --model {wildcards.model}"
         " --params {params.train:q} --device {params.device:q} --out-dir {params.out_dir:q}"
         " --memory-budget {config[train][memory_budget]:q} > {log:q} 2>&1"

@@ -59,7 +59,7 @@ checkpoint viewer_sample:
     benchmark:
         f"{OUT}/benchmarks/viewer/sample.tsv"
     shell:
-        "{PY} -m wsi_asmil.viewer sample --candidates {params.candidates} --n {params.n} {params.truth}"
+        "{PY} -m wsi_asmil.report.viewer sample --candidates {params.candidates} --n {params.n} {params.truth}"
         " --split {input.split:q} --inventory {input.inventory:q} --out {output:q} > {log:q} 2>&1"
 
 
@@ -87,7 +87,7 @@ rule viewer_pyramids:
     benchmark:
         f"{OUT}/benchmarks/viewer/{{slide}}.tsv"
     shell:
-        "{PY} -m wsi_asmil.viewer pyramids --slide {input.slide:q} --out-dir {output:q}"
+        "{PY} -m wsi_asmil.report.viewer pyramids --slide {input.slide:q} --out-dir {output:q}"
         " {params.files} {params.args} {params.mpp} > {log:q} 2>&1"
 
 
@@ -110,5 +110,5 @@ rule viewer_page:
     benchmark:
         f"{OUT}/benchmarks/viewer/page.tsv"
     shell:
-        "{PY} -m wsi_asmil.viewer page --report-dir {REPORT:q} --sample {input.sample:q} --alpha {params.alpha}"
+        "{PY} -m wsi_asmil.report.viewer page --report-dir {REPORT:q} --sample {input.sample:q} --alpha {params.alpha}"
         " --split {input.split:q} --legend {input.legend:q} > {log:q} 2>&1"

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import tifffile
 
-from wsi_asmil.io import atomic_path
+from wsi_asmil.core.io import atomic_path
 from wsi_asmil.synthetic.layout import Layout
 from wsi_asmil.synthetic.pyramid import LevelFile, pyramid_downsamples, stream_level0
 from wsi_asmil.synthetic.render import Renderer

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from wsi_asmil.io import atomic_path
+from wsi_asmil.core.io import atomic_path
 from wsi_asmil.synthetic.aperio import write_slide
 from wsi_asmil.synthetic.spec import TILE, SlideSpec
 from wsi_asmil.synthetic.truth import write_truth

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from wsi_asmil.scores import write_scores
+from wsi_asmil.maps.scores import write_scores
 
 
 def write_synthetic_scores(out_dir: str | Path, slide_id: str, coords: np.ndarray, scores: np.ndarray,

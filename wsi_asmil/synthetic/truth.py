@@ -10,7 +10,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from wsi_asmil.io import atomic_path
+from wsi_asmil.core.io import atomic_path
 from wsi_asmil.synthetic.layout import Layout
 from wsi_asmil.synthetic.spec import SlideSpec, SlideTruth
 

@@ -1,9 +1,9 @@
 """A feature-level MIL cohort where attention has to work: "witness" bags, with per-tile truth.
 
 No slides are drawn: each bag is a features store in exactly the layout training reads
-(``<out>/features/<bag_id>.zarr``, see :mod:`wsi_asmil.store`) plus ``<out>/labels.csv``, so a
+(``<out>/features/<bag_id>.zarr``, see :mod:`wsi_asmil.features.store`) plus ``<out>/labels.csv``, so a
 bag can be trained on, scored and mapped like a real slide. Every store also holds ``tile_truth``
-(M,) int8 in row order (:func:`wsi_asmil.store.read_tile_truth`): 0 background, ``k`` in
+(M,) int8 in row order (:func:`wsi_asmil.features.store.read_tile_truth`): 0 background, ``k`` in
 1..n_clusters a witness of cluster ``k``, -1 a decoy.
 
 The generative model, in feature space (D = feature_dim). Cohort-wide constants
@@ -22,7 +22,7 @@ The generative model, in feature space (D = feature_dim). Cohort-wide constants
 Each bag (its own random stream, :func:`bag_rng`):
 
 * M tiles, log-uniform in ``bag_size``, laid on a square grid of ``tile_size`` px as one irregular
-  tissue blob (rows in raster order, like :func:`wsi_asmil.tile.tile_grid`);
+  tissue blob (rows in raster order, like :func:`wsi_asmil.features.tile.tile_grid`);
 * tissue-type map: Voronoi cells of random seeds whose types follow the bag's mixture
   ~ Dirichlet(``tissue_concentration``), so the bag mean moves with its composition;
 * look-alike tiles, n = max(1, round(r M)) with r log-uniform in ``witness_rate`` (positive bags:
@@ -61,8 +61,8 @@ import pandas as pd
 import zarr
 from tqdm import tqdm
 
-from wsi_asmil import store
-from wsi_asmil.io import write_csv, write_json
+from wsi_asmil.core.io import write_csv, write_json
+from wsi_asmil.features import store
 
 log = logging.getLogger("wsi_asmil.synthetic.witness")  # the same name when run with -m
 
@@ -365,7 +365,7 @@ def write_witness_cohort(
     """Write ``out_dir/features/<bag_id>.zarr`` for every bag, ``out_dir/labels.csv`` and
     ``out_dir/witness.json`` (the spec and a per-bag summary); return ``out_dir``.
 
-    Each store is written atomically through :func:`wsi_asmil.store.feature_writer`, with the
+    Each store is written atomically through :func:`wsi_asmil.features.store.feature_writer`, with the
     extra array ``tile_truth``. Stores of bags beyond ``n_bags`` from an earlier run are left alone
     (labels.csv does not list them).
     """

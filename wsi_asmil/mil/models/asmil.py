@@ -1,0 +1,117 @@
+"""ASMIL's online model: reduction, N FEAT tokens with private attention, token dropout, CLS aggregator."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from wsi_asmil.core.devices import to_device
+from wsi_asmil.mil.models.attention import MultiHeadCrossAttention
+from wsi_asmil.mil.models.base import MILModel, SoftmaxPooling
+from wsi_asmil.mil.models.norm import FeatureNorm
+
+TOKEN_DROP_MODES = ("fixed", "bernoulli")
+
+
+def n_dropped(n_tokens: int, rate: float) -> int:
+    """Tokens removed per bag in ``fixed`` mode: Python's ``round`` (half to even), as specified."""
+    return round(rate * n_tokens)
+
+
+def select_tokens(
+    n_tokens: int, rate: float, mode: str, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Sorted indices of the tokens kept for one training bag.
+
+    ``fixed`` removes exactly ``round(rate * n)`` tokens uniformly without replacement (the released
+    code). ``bernoulli`` drops each token with probability ``rate``, redrawing when all would go,
+    which samples the independent-drop distribution conditioned on at least one survivor.
+    """
+    if mode == "fixed":
+        perm = torch.randperm(n_tokens, generator=generator)
+        return perm[: n_tokens - n_dropped(n_tokens, rate)].sort().values
+    if mode == "bernoulli":
+        while True:
+            keep = torch.rand(n_tokens, generator=generator) >= rate
+            if keep.any():
+                return keep.nonzero().flatten()
+    raise ValueError(f"token_drop_mode must be one of {TOKEN_DROP_MODES}, got {mode!r}")
+
+
+class ASMIL(MILModel, SoftmaxPooling):
+    """Attention-Stabilized MIL online model (spec section 2).
+
+    The anchor and the stabilisation loss live outside the model so the inference checkpoint holds
+    only what heatmaps and prediction need.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        n_classes: int,
+        n_tokens: int = 8,
+        token_drop: float = 0.5,
+        token_drop_mode: str = "fixed",
+        aggregator_depth: int = 1,
+        inner_dim: int | None = None,
+        n_heads: int = 8,
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if token_drop_mode not in TOKEN_DROP_MODES:
+            raise ValueError(f"token_drop_mode must be one of {TOKEN_DROP_MODES}, got {token_drop_mode!r}")
+        if not 0.0 <= token_drop < 1.0:
+            raise ValueError(f"token_drop must be in [0, 1), got {token_drop}")
+        if token_drop_mode == "fixed" and n_dropped(n_tokens, token_drop) >= n_tokens:
+            raise ValueError(f"token_drop {token_drop} would drop all {n_tokens} tokens")
+        if n_tokens < 1 or aggregator_depth < 1:
+            raise ValueError("n_tokens and aggregator_depth must be >= 1")
+        dim = in_dim // 2 if inner_dim is None else inner_dim
+        self.in_dim = in_dim
+        self.input_norm = FeatureNorm(in_dim)
+        self.dim = dim
+        self.n_tokens = n_tokens
+        self.token_drop = token_drop
+        self.token_drop_mode = token_drop_mode
+        self.reduce = nn.Sequential(nn.Linear(in_dim, dim, bias=False), nn.ReLU())
+        self.tokens = nn.Parameter(torch.empty(n_tokens, dim))
+        self.token_attention = MultiHeadCrossAttention(dim, n_heads, n_tokens, dropout)
+        self.cls_token = nn.Parameter(torch.empty(1, dim))
+        self.aggregator = nn.ModuleList(
+            MultiHeadCrossAttention(dim, n_heads, 1, dropout) for _ in range(aggregator_depth)
+        )
+        self.classifier = nn.Linear(dim, n_classes)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Initialise this module's own parameters (submodules reset themselves, as in torch.nn)."""
+        nn.init.normal_(self.tokens, std=1e-6)
+        nn.init.zeros_(self.cls_token)
+
+    def attention_logits(self, bag: torch.Tensor) -> torch.Tensor:
+        return self.token_attention.attention_logits(self.tokens, self.reduce(self.prepare(bag)))
+
+    def forward(self, bag: torch.Tensor) -> dict[str, torch.Tensor]:
+        token_vectors, attn_logits = self.token_attention(self.tokens, self.reduce(self.prepare(bag)))
+        if self.training and self.token_drop > 0:
+            keep = select_tokens(self.n_tokens, self.token_drop, self.token_drop_mode)
+            token_vectors = token_vectors.index_select(0, to_device(keep, token_vectors.device))
+        return {"logits": self.classify(token_vectors), "attn_logits": attn_logits}
+
+    def classify(self, token_vectors: torch.Tensor) -> torch.Tensor:
+        """Class logits (C,) from the FEAT token vectors (N, dim): the CLS token attends over
+        them, never over the tiles."""
+        cls = self.cls_token
+        for layer in self.aggregator:
+            cls, _ = layer(cls, token_vectors)
+        return self.classifier(cls[0])
+
+    def pooling_terms(self, bag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows are the FEAT tokens' heads x tokens, in ``attention_logits`` order."""
+        h = self.reduce(self.prepare(bag))
+        return self.token_attention.attention_logits(self.tokens, h).flatten(0, 1), h
+
+    def logits_from_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
+        att = self.token_attention
+        per_token = pooled.view(att.n_heads, self.n_tokens, -1).transpose(0, 1)  # (N, H, D)
+        return self.classify(att.project_pooled(per_token))
