@@ -94,3 +94,15 @@ def test_the_link_finder_sees_a_broken_link() -> None:
 def test_the_anchor_finder_follows_github() -> None:
     text = "# Title\n\n## Fine maps and honest colours\n\n```bash\n# not a heading\n```\n\n## The viewer (`report/viewer.html`)\n\n## Title\n"
     assert anchors(text) == {"title", "fine-maps-and-honest-colours", "the-viewer-reportviewerhtml", "title-1"}
+
+
+def test_license_and_citation_match_the_package() -> None:
+    import yaml
+
+    from wsi_asmil import __version__
+
+    citation = yaml.safe_load((REPO / "CITATION.cff").read_text())
+    assert citation["version"] == __version__ and citation["license"] == "MIT"
+    assert "ASMIL" in citation["references"][0]["title"]
+    assert (REPO / "LICENSE").read_text().startswith("MIT License")
+    assert 'license = "MIT"' in (REPO / "pyproject.toml").read_text()
