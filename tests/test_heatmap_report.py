@@ -392,6 +392,25 @@ def test_report_html_gathers_localisation_and_heatmaps(tmp_path: Path) -> None:
     assert "<a href='viewer.html'>" in (tmp_path / "report" / "index.html").read_text()
 
 
+def test_report_pools_each_models_froc_over_its_slides(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    for k in range(2):
+        fake_fold(models, "asmil", k, 0.5, 0.8)
+    table = loc_rows("asmil", [0.9, 0.8, 0.7, 0.0]).assign(
+        froc_detections=[2, 1, 0, 1], froc_lesions=[1, 1, 1, 0], froc_itc=0, froc_found=[1, 1, 0, 0],
+        froc_fps=[1, 0, 0, 1], froc_lesion_scores=["8", "3", "0", ""], froc_fp_scores=["4", "", "", "2.5"])
+    write_csv(tmp_path / "asmil.csv", table)
+    write_report(models, ["asmil"], 2, tmp_path / "report", localisation=[tmp_path / "asmil.csv"])
+    froc = json.loads((tmp_path / "report" / "localisation.json").read_text())["froc"]["asmil"]
+    # 4 slides, 3 lesions: thresholds 8, 4, 3, 2.5 -> (0, 1/3), (1/4, 1/3), (1/4, 2/3), (1/2, 2/3)
+    assert froc["n_slides"] == 4 and froc["n_lesions"] == 3
+    assert froc["sensitivity_at"] == pytest.approx({"0.25": 2 / 3, "0.5": 2 / 3, "1": 2 / 3, "2": 2 / 3, "4": 2 / 3,
+                                                    "8": 2 / 3})
+    html = (tmp_path / "report" / "index.html").read_text()
+    assert "<h3>Lesion-level FROC</h3>" in html and "alt='FROC curves'" in html
+    assert "Lesion-level FROC" in (tmp_path / "report" / "metrics.md").read_text()
+
+
 def test_sample_prefers_large_tumours_then_contrast() -> None:
     ids = ["a", "b", "c", "d", "e"]
     area = {"a": 0.0, "b": 5.0, "c": 9.0, "d": 0.0, "e": 1.0}

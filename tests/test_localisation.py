@@ -136,3 +136,10 @@ def test_cli_over_score_folders_and_truth_files(tmp_path: Path) -> None:
     summary = json.loads((tmp_path / "asmil.json").read_text())
     assert summary["n_tumour_slides"] == 1 and summary["metrics"]["dice"]["mean"] == pytest.approx(1.0, abs=0.05)
     assert summary["metrics"]["coverage_top2"]["mean"] == pytest.approx(1.0)
+    # FROC: a 50 x 25 um tumour is isolated tumour cells, so there is no lesion to find (score null)
+    # and the normal slide's detections (its two 6.4x-uniform tiles, 25 um apart: one) are false positives
+    rows = table.set_index("slide_id")
+    assert rows.loc["tumour slide", "froc_itc"] == 1 and rows.loc["tumour slide", "froc_lesions"] == 0
+    assert rows.loc["normal", "froc_fps"] == rows.loc["normal", "froc_detections"] == 1
+    assert summary["froc"]["n_lesions"] == 0 and summary["froc"]["score"] is None
+    assert summary["params"]["froc_nms_um"] == 224.0 and summary["froc"]["n_slides"] == 2

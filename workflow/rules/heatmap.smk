@@ -274,7 +274,7 @@ rule localisation:
         csv=f"{LOCALISATION_DIR}/{{model}}.csv",
         json=f"{LOCALISATION_DIR}/{{model}}.json",
     params:
-        args=options(LOCALISATION, only=("threshold", "top_q", "top_k")),
+        args=options(LOCALISATION, only=("threshold", "top_q", "top_k", "froc_nms_um", "froc_min_score")),
         version=VERSION,
     conda:
         ENV

@@ -22,6 +22,12 @@ normalisation plays no part: top-q is rank-based, Otsu is scale-free):
 ``dice_oracle``, ``tumour_in_tiles``
     the ceilings set by the tiling: the Dice of selecting exactly the tumour tiles, and the
     fraction of the tumour inside any tile at all.
+``froc_*``
+    the slide's part of the lesion-level FROC (CAMELYON16 protocol, :mod:`wsi_asmil.maps.froc`):
+    detections taken from its attention, lesions and isolated-tumour-cell clusters in its truth,
+    lesions found, false positives, and the scores of each (``froc_lesion_scores``,
+    ``froc_fp_scores``), from which :func:`pooled_froc` draws the FROC curve of every slide of a
+    model at once. FROC is pooled over slides, normal ones included: it has no per-slide value.
 
 Slides without tumour get a row (``has_tumour`` false) but are left out of the aggregates, where
 Dice is undefined.
@@ -43,6 +49,7 @@ import pandas as pd
 from wsi_asmil.core.args import setup_logging
 from wsi_asmil.core.canvas import Grid, coverage_count
 from wsi_asmil.core.io import write_csv, write_json
+from wsi_asmil.maps.froc import FP_RATES, Froc, FrocParams, SlideHits, froc, slide_hits
 from wsi_asmil.maps.scores import JSON_SUFFIX, read_scores, slide_id_of
 from wsi_asmil.tissue.masks import mask_fractions, read_tumour_mask
 
@@ -60,13 +67,21 @@ SUMMARY_METRICS = (
 
 @dataclass(frozen=True)
 class LocalisationParams:
-    """The configurable parts: the headline threshold rule, q for top-q, and the k of coverage."""
+    """The configurable parts: the headline threshold rule, q for top-q, the k of coverage and how
+    FROC takes detections from a heatmap."""
 
     threshold: str = "otsu"
     top_q: float = 10.0
     top_k: tuple[int, ...] = (5, 10)
+    froc_nms_um: float = FrocParams.nms_radius_um
+    froc_min_score: float = FrocParams.min_score
+
+    @property
+    def froc(self) -> FrocParams:
+        return FrocParams(self.froc_nms_um, self.froc_min_score)
 
     def __post_init__(self) -> None:
+        FrocParams(self.froc_nms_um, self.froc_min_score)  # raises on bad FROC settings
         if self.threshold not in THRESHOLD_RULES:
             raise ValueError(f"threshold must be one of {THRESHOLD_RULES}, got {self.threshold!r}")
         if not 0 < self.top_q <= 100:
@@ -143,9 +158,10 @@ def _auc(scores: np.ndarray, positive: np.ndarray) -> float:
 
 def slide_metrics(
     coords: np.ndarray, extent: float, scores: np.ndarray, truth: np.ndarray, downsample: float,
-    params: LocalisationParams = LocalisationParams(),
+    params: LocalisationParams = LocalisationParams(), mpp: float | None = None,
 ) -> dict[str, Any]:
-    """Every localisation metric of one slide (see the module docstring)."""
+    """Every localisation metric of one slide (see the module docstring); the FROC columns only
+    with the slide's ``mpp``, which the protocol's physical sizes need."""
     scores = np.asarray(scores, dtype=np.float64)
     truth = np.asarray(truth, dtype=bool)
     h, w = truth.shape
@@ -180,7 +196,50 @@ def slide_metrics(
     row["attention_in_tumour"] = float(np.sum(scores * frac)) if n_truth and len(scores) else math.nan
     row["dice_oracle"] = dice_iou(union(tumour_tiles), truth)[0] if n_truth else math.nan
     row["tumour_in_tiles"] = covered(np.ones(len(scores), dtype=bool)) if len(scores) else (0.0 if n_truth else math.nan)
+    if mpp is not None:
+        row.update(froc_columns(slide_hits(coords, extent, scores, truth, downsample, mpp, params.froc)))
     return row
+
+
+def _join(values: np.ndarray) -> str:
+    return " ".join(f"{v:.6g}" for v in values)
+
+
+def froc_columns(hits: SlideHits) -> dict[str, Any]:
+    """A slide's FROC counts and scores as table columns (scores space-separated)."""
+    return {
+        "froc_detections": hits.n_detections, "froc_lesions": hits.n_lesions, "froc_itc": hits.n_itc,
+        "froc_found": int((hits.lesion_scores > 0).sum()), "froc_fps": len(hits.fp_scores),
+        "froc_lesion_scores": _join(hits.lesion_scores), "froc_fp_scores": _join(hits.fp_scores),
+    }
+
+
+def _split(cell: Any) -> np.ndarray:
+    """A scores cell back to numbers: a CSV reader makes a lone score a number and none NaN."""
+    if isinstance(cell, str):
+        return np.array([float(v) for v in cell.split()], dtype=np.float64)
+    return np.zeros(0) if cell is None or pd.isna(cell) else np.array([float(cell)])
+
+
+def pooled_froc(table: pd.DataFrame) -> Froc | None:
+    """The FROC of every slide in ``table`` (one model's rows), None without the FROC columns."""
+    if "froc_lesion_scores" not in table.columns or not len(table):
+        return None
+    hits = [SlideHits(_split(r.froc_lesion_scores), _split(r.froc_fp_scores), int(r.froc_detections),
+                      int(r.froc_lesions), int(r.froc_itc)) for r in table.itertuples()]
+    return froc(hits)
+
+
+def froc_summary(result: Froc | None) -> dict[str, Any] | None:
+    """The FROC score, its sensitivities and the curve, for JSON."""
+    if result is None:
+        return None
+    return {
+        "score": result.score,
+        "sensitivity_at": {f"{r:g}": result.at_rates[r] for r in FP_RATES},
+        "fps_per_slide": result.fps_per_slide.tolist(), "sensitivity": result.sensitivity.tolist(),
+        "n_slides": result.n_slides, "n_lesions": result.n_lesions,
+    }
 
 
 def summarise(table: pd.DataFrame, metrics: Sequence[str] = SUMMARY_METRICS) -> dict[str, dict[str, float]]:
@@ -213,7 +272,8 @@ def localise_model(
             continue
         scores = read_scores(sj)
         mask, side = read_tumour_mask(truth_by_id[sid])
-        row = slide_metrics(scores.coords, scores.tile_extent, scores.scores, mask, float(side["downsample"]), params)
+        row = slide_metrics(scores.coords, scores.tile_extent, scores.scores, mask, float(side["downsample"]), params,
+                            mpp=float(scores.meta["mpp"]))
         row["tumour_area_mm2"] = float(side.get("tumour_area_um2", math.nan)) / 1e6
         rows.append({"model": model, "slide_id": sid, **row})
     missing = sorted(set(truth_by_id) - {slide_id_of(p) for p in scores_json})
@@ -232,23 +292,31 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threshold", choices=THRESHOLD_RULES, default="otsu")
     p.add_argument("--top-q", type=float, default=10.0, help="percent of tiles kept by the top_q rule")
     p.add_argument("--top-k", type=int, nargs="*", default=[5, 10], help="k of coverage_top<k>")
+    p.add_argument("--froc-nms-um", type=float, default=LocalisationParams.froc_nms_um,
+                   help="FROC: detections closer than this (um) to a better one are suppressed")
+    p.add_argument("--froc-min-score", type=float, default=LocalisationParams.froc_min_score,
+                   help="FROC: the lowest detection score, attention relative to uniform (a x M)")
     p.add_argument("--out-csv", required=True)
     p.add_argument("--out-json", required=True)
     args = p.parse_args(argv)
     setup_logging()
-    params = LocalisationParams(args.threshold, args.top_q, tuple(args.top_k))
+    params = LocalisationParams(args.threshold, args.top_q, tuple(args.top_k), args.froc_nms_um, args.froc_min_score)
     scores = [q for p in map(Path, args.scores) for q in (sorted(p.glob(f"*{JSON_SUFFIX}")) if p.is_dir() else [p])]
     table = localise_model(scores, args.truth, params, args.model)
     write_csv(args.out_csv, table)
     summary = {"model": args.model, "params": {"threshold": params.threshold, "top_q": params.top_q,
-               "top_k": list(params.top_k)}, "n_slides": int(len(table)),
+               "top_k": list(params.top_k), "froc_nms_um": params.froc_nms_um,
+               "froc_min_score": params.froc_min_score}, "n_slides": int(len(table)),
                "n_tumour_slides": int(table["has_tumour"].sum()) if len(table) else 0,
-               "metrics": summarise(table)}
+               "metrics": summarise(table), "froc": froc_summary(pooled_froc(table))}
     write_json(args.out_json, summary)
     for m in ("dice", "iou", "coverage_tumour_k", "tile_auc", "attention_in_tumour"):
         s = summary["metrics"].get(m)
         if s:
             log.info("%s %s: %.3f ± %.3f (n=%d)", args.model, m, s["mean"], s["std"], s["n"])
+    if summary["froc"]:
+        log.info("%s FROC %.3f over %d slides, %d lesions", args.model, summary["froc"]["score"],
+                 summary["froc"]["n_slides"], summary["froc"]["n_lesions"])
 
 
 if __name__ == "__main__":

@@ -31,7 +31,8 @@ from wsi_asmil import __version__
 from wsi_asmil.core.args import setup_logging
 from wsi_asmil.core.io import write_csv, write_json, write_text
 from wsi_asmil.core.run_layout import fold_checkpoint, link_from_report
-from wsi_asmil.maps.localisation import summarise
+from wsi_asmil.maps.froc import FP_RATES
+from wsi_asmil.maps.localisation import froc_summary, pooled_froc, summarise
 from wsi_asmil.maps.scores import read_meta, scores_paths
 from wsi_asmil.mil.metrics import summarize
 from wsi_asmil.report import html as H
@@ -283,13 +284,15 @@ def write_report(
     loc_summary = {m: summarise(loc[loc["model"] == m]) for m in dict.fromkeys(loc["model"])} if len(loc) else {}
     reference = "asmil" if "asmil" in loc_summary else (next(iter(loc_summary)) if loc_summary else None)
     paired = paired_comparison(loc, reference) if reference else []
+    froc = {m: s for m in loc_summary if (s := froc_summary(pooled_froc(loc[loc["model"] == m]))) is not None}
     inv = pd.read_csv(inventory, dtype={"slide_id": str}, keep_default_na=False) if inventory and Path(inventory).is_file() else None
     unusable = inv[inv["status"] != "ok"] if inv is not None else pd.DataFrame()
     write_json(out / "metrics.json", report)
     write_csv(out / "predictions.csv", predictions)
     write_csv(out / "localisation.csv", loc)
-    write_json(out / "localisation.json", {"by_model": loc_summary, "reference": reference, "paired": paired})
-    table = markdown_table(report) + localisation_markdown(loc_summary)
+    write_json(out / "localisation.json", {"by_model": loc_summary, "froc": froc, "reference": reference,
+                                           "paired": paired})
+    table = markdown_table(report) + localisation_markdown(loc_summary) + froc_markdown(froc)
     write_text(out / "metrics.md", table)
     log.info("\n%s", table)
 
@@ -302,7 +305,7 @@ def write_report(
         + "<p class='note'>Jensen-Shannon divergence between the attention of consecutive epochs over the "
           "validation slides (log scale; mean over folds, band from the lowest to the highest fold).</p>"))
     sections.append(("Attention", attention_html(report, n_folds)))
-    sections.append(("Localisation", localisation_html(loc, loc_summary, paired)))
+    sections.append(("Localisation", localisation_html(loc, loc_summary, paired, froc)))
     hdir = Path(heatmaps_dir) if heatmaps_dir else None
     tdir = Path(truth_dir) if truth_dir else None
     if hdir is not None and heatmap_models:
@@ -377,7 +380,39 @@ def attention_html(report: Mapping[str, Any], n_folds: int) -> str:
         "instance AUC need per-tile truth (the localisation stage measures them from the heatmaps).</p>")
 
 
-def localisation_html(loc: pd.DataFrame, summary: dict[str, Any], paired: list[dict[str, Any]]) -> str:
+def froc_markdown(froc: dict[str, dict[str, Any]]) -> str:
+    if not froc:
+        return ""
+    head = ["model", "slides", "lesions", "FROC", *(f"sens. @{r:g} FP" for r in FP_RATES)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for model, f in froc.items():
+        lines.append("| " + " | ".join([model, str(f["n_slides"]), str(f["n_lesions"]), _num(f["score"]),
+                                        *(_num(v) for v in f["sensitivity_at"].values())]) + " |")
+    return "\n## Lesion-level FROC (CAMELYON16 protocol, every slide with truth)\n\n" + "\n".join(lines) + "\n"
+
+
+def _num(value: float) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{value:.3f}"
+
+
+def froc_html(froc: dict[str, dict[str, Any]]) -> str:
+    if not froc:
+        return ""
+    rows = [[H.esc(m), str(f["n_slides"]), str(f["n_lesions"]), _num(f["score"]),
+             *(_num(v) for v in f["sensitivity_at"].values())] for m, f in froc.items()]
+    fig = H.froc_figure({m: (f["fps_per_slide"], f["sensitivity"]) for m, f in froc.items()})
+    return ("<h3>Lesion-level FROC</h3>"
+            + H.table(["model", "slides", "lesions", "FROC", *(f"sensitivity @{r:g} FP/slide" for r in FP_RATES)], rows)
+            + (f"<img alt='FROC curves' src='{H.png_data_uri(fig)}'>" if fig else "")
+            + "<p class='note'>The CAMELYON16 protocol over every slide with truth, normal slides included: "
+              "lesions are the tumour grown by 75 µm, isolated tumour cells (under 275 µm) neither count nor "
+              "cost; detections are a heatmap's best tiles by non-maximum suppression while attention is at "
+              "least the set multiple of uniform; FROC is the mean sensitivity at 1/4 to 8 false positives "
+              "per slide. Flat attention makes no detection and scores 0.</p>")
+
+
+def localisation_html(loc: pd.DataFrame, summary: dict[str, Any], paired: list[dict[str, Any]],
+                      froc: dict[str, dict[str, Any]] | None = None) -> str:
     if not len(loc):
         return ("<p>No ground truth: set <code>heatmap.localisation.annotations</code> to a folder of per-slide "
                 "GeoJSON, ASAP XML or mask images to measure how well attention finds tumour.</p>")
@@ -391,7 +426,7 @@ def localisation_html(loc: pd.DataFrame, summary: dict[str, Any], paired: list[d
              f"by the {H.esc(threshold)} threshold against the tumour mask; top-q: the configured share of tiles; "
              "coverage @k(tumour): tumour fraction covered by as many top tiles as the tumour would fill; tile AUC: "
              "scores vs tumour tiles (≥ half tumour); attention in tumour: share of the attention mass on tumour; "
-             "Dice ceiling: selecting exactly the tumour tiles.</p>"]
+             "Dice ceiling: selecting exactly the tumour tiles.</p>", froc_html(froc or {})]
     if paired:
         prow = [[H.esc(p["metric"]), f"{H.esc(p['reference'])} − {H.esc(p['other'])}", str(p["n"]),
                  H.fmt(p["mean_difference"]), f"{p['wins']}/{p['ties']}/{p['losses']}", H.fmt(p["wilcoxon_p"], 4)]
@@ -400,7 +435,8 @@ def localisation_html(loc: pd.DataFrame, summary: dict[str, Any], paired: list[d
             ["metric", "difference", "slides", "mean difference", "wins/ties/losses", "Wilcoxon p"], prow))
     cols = [c for c in ["model", "slide_id", "has_tumour", "tumour_area_mm2", "n_tiles", "tumour_tiles", "n_selected",
                         "dice", "iou", "dice_topq", "dice_otsu", "coverage_tumour_k", "tile_auc",
-                        "attention_in_tumour", "dice_oracle"] if c in loc.columns]
+                        "attention_in_tumour", "dice_oracle", "froc_lesions", "froc_found", "froc_fps"]
+            if c in loc.columns]
     parts.append(f"<details><summary>Per slide ({len(loc)} rows)</summary>{H.frame_table(loc[cols])}</details>")
     return "".join(parts)
 

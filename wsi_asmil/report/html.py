@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from wsi_asmil.core.canvas import Grid, lookup_mask
+from wsi_asmil.maps.froc import FP_RATES
 
 CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
@@ -103,6 +104,36 @@ def instability_figure(histories: Mapping[str, Sequence[pd.DataFrame]]) -> bytes
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     axes[0].legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def froc_figure(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]]) -> bytes | None:
+    """Each model's FROC curve: sensitivity against false positives per slide (log scale), the
+    six rates the score averages marked."""
+    if not any(len(fps) for fps, _ in curves.values()):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.4), dpi=100)
+    for model, (fps, sens) in curves.items():
+        ax.plot(np.maximum(fps, 1 / 64), sens, marker=".", label=model)  # 0 FPs drawn at 1/64
+    for rate in FP_RATES:
+        ax.axvline(rate, color="grey", linewidth=0.6, alpha=0.5)
+    ax.set_xscale("log", base=2)
+    ax.set_xlim(1 / 16, 16)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("false positives per slide")
+    ax.set_ylabel("lesion sensitivity")
+    ax.set_title("lesion-level FROC")
+    ax.grid(alpha=0.3)
+    ax.legend()
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
