@@ -57,7 +57,19 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     # The paper's anchor memory at 400 slides (m = 0.999: 2.5 epochs) on any cohort size.
     "ASMIL anchor horizon 2.5 epochs": ("asmil", {"anchor_horizon_epochs": 2.5}),
     "ABMIL + Anchor/NSF, horizon 2.5 epochs": ("abmil_anchor", {"anchor_horizon_epochs": 2.5}),
+    # The mechanism: each readout takes one part of the paper's away (wsi_asmil.mil.models.asmil).
+    "ASMIL mean readout (no CLS aggregator)": ("asmil", {"readout": "mean"}),
+    "ASMIL linear readout + LayerNorm": ("asmil", {"readout": "linear_norm"}),
+    "ASMIL linear readout (asmil_linear)": ("asmil_linear", {}),
+    "ASMIL linear readout, no anchor (beta 0)": ("asmil_linear", {"beta": 0.0}),
 }
+
+#: The variants whose per-epoch traces (traces.csv, traces.png) show the mechanism.
+TRACED = ("ASMIL", "ASMIL mean readout (no CLS aggregator)", "ASMIL linear readout + LayerNorm",
+          "ASMIL linear readout (asmil_linear)", "ABMIL")
+#: history.csv columns traced: the training CE, and what the test and val attention does.
+TRACE_COLUMNS = {"train_ce": "training CE", "logit_spread": "attention logit spread (sd over tiles)",
+                 "top_ratio": "top tile × M", "positive_mass": "attention mass on positives"}
 
 #: Per-run measures: (column, what it is, higher is better for the paper's side?)
 MEASURES: dict[str, str] = {
@@ -243,6 +255,18 @@ CLAIMS: list[tuple[str, str, str, str, int]] = [
     ("Paper's EMA anchor beats the released frozen random anchor (F1)", "f1_macro", "ASMIL released anchor (frozen random)", "ASMIL", -1),
 ]
 
+#: The repaired model against the models its attention should match or beat (its own claims: the
+#: sign is what a working repair predicts, variant - reference).
+REPAIR_CLAIMS: list[tuple[str, str, str, str, int]] = [
+    ("asmil_linear attends to positives more than ASMIL", "positive_mass", "ASMIL linear readout (asmil_linear)", "ASMIL", +1),
+    ("asmil_linear ranks positives better than ASMIL", "instance_auc", "ASMIL linear readout (asmil_linear)", "ASMIL", +1),
+    ("asmil_linear's F1 is at least ASMIL's", "f1_macro", "ASMIL linear readout (asmil_linear)", "ASMIL", +1),
+    ("asmil_linear's F1 against ABMIL's", "f1_macro", "ASMIL linear readout (asmil_linear)", "ABMIL", +1),
+    ("asmil_linear's F1 against ACMIL's", "f1_macro", "ASMIL linear readout (asmil_linear)", "ACMIL", +1),
+    ("asmil_linear's attention on positives against ABMIL's", "positive_mass", "ASMIL linear readout (asmil_linear)", "ABMIL", +1),
+    ("The anchor stabilises asmil_linear's attention", "jsd_high_lr", "ASMIL linear readout, no anchor (beta 0)", "ASMIL linear readout (asmil_linear)", +1),
+]
+
 
 def fmt(x: float, spec: str = ".3f") -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
@@ -269,7 +293,7 @@ def report(runs: pd.DataFrame, cohort: str, command: str) -> str:
             ]) + " |")
         uniform = sub.groupby("variant")["uniform"].mean()
         lines += ["", "| claim | measure | variant − reference (95 % CI) | verdict |", "|---|---|---|---|"]
-        for claim, measure, variant, reference, sign in CLAIMS:
+        for claim, measure, variant, reference, sign in [*CLAIMS, *REPAIR_CLAIMS]:
             d = paired(seeds, lr, variant, measure, reference)
             v = verdict(d, sign)
             flat = [m for m in (variant, reference) if uniform.get(m, 0.0) > 0.5]
@@ -281,6 +305,53 @@ def report(runs: pd.DataFrame, cohort: str, command: str) -> str:
             lines.append(f"| {claim} | {measure}: {variant} − {reference} | {ci} | {v} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def traces(runs: Sequence[Run]) -> pd.DataFrame:
+    """Per (lr, variant, epoch): the mean and the spread over seeds and folds of each traced
+    history column, from every finished run of a traced variant."""
+    frames = []
+    for run in runs:
+        history = Path(run.out) / "history.csv"
+        if run.variant in TRACED and history.is_file():
+            h = pd.read_csv(history)[["epoch", *TRACE_COLUMNS]]
+            frames.append(h.assign(lr=run.lr, variant=run.variant, seed=run.seed, fold=run.fold))
+    if not frames:
+        return pd.DataFrame()
+    table = pd.concat(frames, ignore_index=True)
+    out = table.groupby(["lr", "variant", "epoch"])[list(TRACE_COLUMNS)].agg(["mean", "min", "max"])
+    out.columns = [f"{c}_{s}" for c, s in out.columns]
+    return out.reset_index().assign(runs=table.groupby(["lr", "variant", "epoch"]).size().to_numpy())
+
+
+def plot_traces(table: pd.DataFrame, path: Path) -> None:
+    """One row of panels per learning rate: each traced column against the epoch, a line per
+    variant (mean over seeds, band from the lowest to the highest run)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lrs = sorted(table.lr.unique())
+    fig, axes = plt.subplots(len(lrs), len(TRACE_COLUMNS), figsize=(4.2 * len(TRACE_COLUMNS), 3.3 * len(lrs)),
+                             squeeze=False, dpi=100)
+    for row, lr in zip(axes, lrs):
+        for ax, (column, title) in zip(row, TRACE_COLUMNS.items()):
+            for variant in TRACED:
+                v = table[(table.lr == lr) & (table.variant == variant)]
+                if v.empty:
+                    continue
+                line, = ax.plot(v.epoch, v[f"{column}_mean"], label=variant)
+                ax.fill_between(v.epoch, v[f"{column}_min"], v[f"{column}_max"], alpha=0.12, color=line.get_color())
+            ax.set_title(f"{title}, lr {lr:g}", fontsize=9)
+            ax.set_xlabel("epoch")
+            if column in ("train_ce", "top_ratio"):
+                ax.set_yscale("log")
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -338,6 +409,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     command = "python benchmarks/asmil_claims.py " + " ".join(argv if argv is not None else sys.argv[1:])
     text = report(table, f"{args.cohort} cohort, {args.schedule} schedule", command)
     (args.work / f"claims{suffix}.md").write_text(text)
+    trace_table = traces(runs)
+    if len(trace_table):
+        trace_table.to_csv(args.work / f"traces{suffix}.csv", index=False)
+        plot_traces(trace_table, args.work / f"traces{suffix}.png")
     print(text)
     print(f"{len(runs)} runs in {time.perf_counter() - start:.0f} s")
 

@@ -40,10 +40,15 @@ def test_paired_difference_and_verdicts_by_hand(claims) -> None:
 
 def test_the_benchmark_runs_at_toy_size(claims, tmp_path: Path) -> None:
     claims.main(["witness", "--work", str(tmp_path), "--bags", "24", "--bag-size", "40", "80", "--seeds", "2",
-                 "--epochs", "2", "--lrs", "1e-3", "--variants", "ASMIL", "ABMIL", "--jobs", "1"])
+                 "--epochs", "2", "--lrs", "1e-3", "--variants", "ASMIL", "ABMIL",
+                 "ASMIL linear readout (asmil_linear)", "--jobs", "1"])
     runs = pd.read_csv(tmp_path / "runs.csv")
-    assert len(runs) == 4 and set(runs["variant"]) == {"ASMIL", "ABMIL"}
+    assert len(runs) == 6 and set(runs["variant"]) == {"ASMIL", "ABMIL", "ASMIL linear readout (asmil_linear)"}
     assert runs["instance_auc"].between(0, 1).all() and runs["jsd_high_lr"].ge(0).all()
     text = (tmp_path / "claims.md").read_text()
     assert "| F1: ASMIL beats ABMIL | f1_macro: ABMIL − ASMIL |" in text
     assert "not measured" in text  # ACMIL was not run
+    assert "| asmil_linear attends to positives more than ASMIL | positive_mass:" in text
+    traces = pd.read_csv(tmp_path / "traces.csv")  # 3 traced variants x 2 epochs, each over 2 seeds
+    assert len(traces) == 6 and (traces["runs"] == 2).all() and (tmp_path / "traces.png").stat().st_size > 0
+    assert (traces["top_ratio_min"] <= traces["top_ratio_mean"]).all()

@@ -21,6 +21,7 @@ DIM = 24
 CLASSES = ["a", "b", "c"]
 ARCH = {  # small, with several heads, tokens, branches and aggregator layers
     "asmil": {"n_tokens": 4, "n_heads": 4, "aggregator_depth": 2, "inner_dim": 16},
+    "asmil_linear": {"n_tokens": 4, "n_heads": 4, "inner_dim": 16},
     "acmil": {"n_branches": 3, "hidden": 8, "inner_dim": 12},
     "abmil": {"hidden": 8},
     "abmil_anchor": {"hidden": 8},
@@ -62,7 +63,20 @@ NAMES = sorted(name for name in MODELS if splits_at_softmax(random_model(name, s
 
 
 def test_the_attention_pooling_models_have_a_chunked_path() -> None:
-    assert set(NAMES) >= {"asmil", "acmil", "abmil", "abmil_anchor"}
+    assert set(NAMES) >= {"asmil", "asmil_linear", "acmil", "abmil", "abmil_anchor"}
+
+
+@pytest.mark.parametrize("readout", ["mean", "linear_norm"])
+def test_every_asmil_readout_is_scored_in_chunks_exactly(readout: str) -> None:
+    torch.manual_seed(3)
+    model = build_model("asmil", DIM, len(CLASSES), readout=readout, **ARCH["asmil"])
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+    bag = torch.randn(200, DIM)
+    whole = whole_bag(model.eval(), bag)
+    for got, want in zip(chunked(model, bag, 37), whole):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", NAMES)

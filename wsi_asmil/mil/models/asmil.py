@@ -1,6 +1,23 @@
-"""ASMIL's online model: reduction, N FEAT tokens with private attention, token dropout, CLS aggregator."""
+"""ASMIL's online model: reduction, N FEAT tokens with private attention, token dropout, and a readout.
+
+The paper's readout (``cls``) projects each token's attention-pooled tiles through values, an output
+projection and a LayerNorm, and a CLS token attends over the token vectors before the classifier.
+The other readouts each take one part of that away, to find which part stops attention learning:
+
+``mean``
+    the same token vectors, averaged instead of read by the CLS aggregator;
+``linear_norm``
+    each token's attention-pooled tiles (the mean over its heads), a LayerNorm, and a linear head
+    per token; the slide's logits are the mean over the (kept) tokens;
+``linear``
+    the same without the LayerNorm: a linear readout, so the slide's logits are a sum over tiles of
+    attention times a linear function of the tile, and the gradient on the attention never waits
+    for a deep readout to learn (the ``asmil_linear`` model).
+"""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -11,6 +28,7 @@ from wsi_asmil.mil.models.base import MILModel, SoftmaxPooling
 from wsi_asmil.mil.models.norm import FeatureNorm
 
 TOKEN_DROP_MODES = ("fixed", "bernoulli")
+READOUTS = ("cls", "mean", "linear_norm", "linear")
 
 
 def n_dropped(n_tokens: int, rate: float) -> int:
@@ -56,8 +74,11 @@ class ASMIL(MILModel, SoftmaxPooling):
         inner_dim: int | None = None,
         n_heads: int = 8,
         dropout: float = 0.1,
+        readout: str = "cls",
     ) -> None:
         super().__init__()
+        if readout not in READOUTS:
+            raise ValueError(f"readout must be one of {READOUTS}, got {readout!r}")
         if token_drop_mode not in TOKEN_DROP_MODES:
             raise ValueError(f"token_drop_mode must be one of {TOKEN_DROP_MODES}, got {token_drop_mode!r}")
         if not 0.0 <= token_drop < 1.0:
@@ -73,38 +94,67 @@ class ASMIL(MILModel, SoftmaxPooling):
         self.n_tokens = n_tokens
         self.token_drop = token_drop
         self.token_drop_mode = token_drop_mode
+        self.readout = readout
         self.reduce = nn.Sequential(nn.Linear(in_dim, dim, bias=False), nn.ReLU())
         self.tokens = nn.Parameter(torch.empty(n_tokens, dim))
-        self.token_attention = MultiHeadCrossAttention(dim, n_heads, n_tokens, dropout)
-        self.cls_token = nn.Parameter(torch.empty(1, dim))
-        self.aggregator = nn.ModuleList(
-            MultiHeadCrossAttention(dim, n_heads, 1, dropout) for _ in range(aggregator_depth)
-        )
-        self.classifier = nn.Linear(dim, n_classes)
+        projected = readout in ("cls", "mean")
+        self.token_attention = MultiHeadCrossAttention(dim, n_heads, n_tokens, dropout, project=projected)
+        if readout == "cls":
+            self.cls_token = nn.Parameter(torch.empty(1, dim))
+            self.aggregator = nn.ModuleList(
+                MultiHeadCrossAttention(dim, n_heads, 1, dropout) for _ in range(aggregator_depth)
+            )
+        if projected:
+            self.classifier = nn.Linear(dim, n_classes)
+        else:
+            self.head_norm = nn.LayerNorm(dim) if readout == "linear_norm" else nn.Identity()
+            self.head_weight = nn.Parameter(torch.empty(n_tokens, n_classes, dim))
+            self.head_bias = nn.Parameter(torch.empty(n_tokens, n_classes))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Initialise this module's own parameters (submodules reset themselves, as in torch.nn)."""
+        """Initialise this module's own parameters (submodules reset themselves, as in torch.nn);
+        each token's linear head as an nn.Linear of its own."""
         nn.init.normal_(self.tokens, std=1e-6)
-        nn.init.zeros_(self.cls_token)
+        if self.readout == "cls":
+            nn.init.zeros_(self.cls_token)
+        if hasattr(self, "head_weight"):
+            bound = 1.0 / math.sqrt(self.dim)
+            with torch.no_grad():
+                for t in range(self.n_tokens):
+                    nn.init.kaiming_uniform_(self.head_weight[t], a=math.sqrt(5))
+                    nn.init.uniform_(self.head_bias[t], -bound, bound)
 
     def attention_logits(self, bag: torch.Tensor) -> torch.Tensor:
         return self.token_attention.attention_logits(self.tokens, self.reduce(self.prepare(bag)))
 
     def forward(self, bag: torch.Tensor) -> dict[str, torch.Tensor]:
-        token_vectors, attn_logits = self.token_attention(self.tokens, self.reduce(self.prepare(bag)))
+        pooled, attn_logits = self.token_attention.pool(self.tokens, self.reduce(self.prepare(bag)))
+        per_token = self.token_outputs(pooled)
         if self.training and self.token_drop > 0:
             keep = select_tokens(self.n_tokens, self.token_drop, self.token_drop_mode)
-            token_vectors = token_vectors.index_select(0, to_device(keep, token_vectors.device))
-        return {"logits": self.classify(token_vectors), "attn_logits": attn_logits}
+            per_token = per_token.index_select(0, to_device(keep, per_token.device))
+        return {"logits": self.classify(per_token), "attn_logits": attn_logits}
 
-    def classify(self, token_vectors: torch.Tensor) -> torch.Tensor:
-        """Class logits (C,) from the FEAT token vectors (N, dim): the CLS token attends over
-        them, never over the tiles."""
-        cls = self.cls_token
-        for layer in self.aggregator:
-            cls, _ = layer(cls, token_vectors)
-        return self.classifier(cls[0])
+    def token_outputs(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Each token's output from its pooled tiles (N, H, D): a token vector (N, dim) for the
+        projected readouts, the token's class logits (N, C) for the linear ones."""
+        if self.readout in ("cls", "mean"):
+            return self.token_attention.project_pooled(pooled)
+        read = self.head_norm(pooled.mean(dim=1))  # the token's head-averaged attention pools the tiles
+        return torch.einsum("nd,ncd->nc", read, self.head_weight) + self.head_bias
+
+    def classify(self, per_token: torch.Tensor) -> torch.Tensor:
+        """Class logits (C,) from the kept tokens' outputs: the CLS token attends over the token
+        vectors (never over the tiles), or their mean is classified, or the heads' logits averaged."""
+        if self.readout == "cls":
+            cls = self.cls_token
+            for layer in self.aggregator:
+                cls, _ = layer(cls, per_token)
+            return self.classifier(cls[0])
+        if self.readout == "mean":
+            return self.classifier(per_token.mean(dim=0))
+        return per_token.mean(dim=0)
 
     def pooling_terms(self, bag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows are the FEAT tokens' heads x tokens, in ``attention_logits`` order."""
@@ -114,4 +164,4 @@ class ASMIL(MILModel, SoftmaxPooling):
     def logits_from_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
         att = self.token_attention
         per_token = pooled.view(att.n_heads, self.n_tokens, -1).transpose(0, 1)  # (N, H, D)
-        return self.classify(att.project_pooled(per_token))
+        return self.classify(self.token_outputs(per_token))

@@ -37,6 +37,7 @@ class MultiHeadCrossAttention(nn.Module):
         n_weight_sets: int = 1,
         dropout: float = 0.1,
         eps: float = 1e-6,
+        project: bool = True,
     ) -> None:
         super().__init__()
         if dim % n_heads:
@@ -48,27 +49,32 @@ class MultiHeadCrossAttention(nn.Module):
         self.head_dim = dim // n_heads
         self.n_weight_sets = n_weight_sets
         self.eps = eps
-        for name in _PROJECTIONS:
+        #: Without values, output projection and norm the module only attends: a model that reads
+        #: the pooled inputs itself (ASMIL's linear readouts) carries no unused weights.
+        self.projections = _PROJECTIONS if project else _PROJECTIONS[:2]
+        for name in self.projections:
             # (sets, out, in): the same orientation as nn.Linear.weight, so set t is a Linear's weight.
             setattr(self, f"{name}_weight", nn.Parameter(torch.empty(n_weight_sets, dim, dim)))
             setattr(self, f"{name}_bias", nn.Parameter(torch.empty(n_weight_sets, dim)))
-        self.norm_weight = nn.Parameter(torch.empty(n_weight_sets, dim))
-        self.norm_bias = nn.Parameter(torch.empty(n_weight_sets, dim))
-        self.dropout = nn.Dropout(dropout)
+        if project:
+            self.norm_weight = nn.Parameter(torch.empty(n_weight_sets, dim))
+            self.norm_bias = nn.Parameter(torch.empty(n_weight_sets, dim))
+            self.dropout = nn.Dropout(dropout)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """nn.Linear's default initialisation, drawn independently for every weight set."""
         bound = 1.0 / math.sqrt(self.dim)
         with torch.no_grad():
-            for name in _PROJECTIONS:
+            for name in self.projections:
                 weight = getattr(self, f"{name}_weight")
                 bias = getattr(self, f"{name}_bias")
                 for s in range(self.n_weight_sets):
                     nn.init.kaiming_uniform_(weight[s], a=math.sqrt(5))
                     nn.init.uniform_(bias[s], -bound, bound)
-            nn.init.ones_(self.norm_weight)
-            nn.init.zeros_(self.norm_bias)
+            if "v" in self.projections:
+                nn.init.ones_(self.norm_weight)
+                nn.init.zeros_(self.norm_bias)
 
     def _per_query(self, t: torch.Tensor, n_queries: int) -> torch.Tensor:
         """View a per-set tensor with one entry per query (a broadcast view for a shared set)."""
@@ -98,10 +104,14 @@ class MultiHeadCrossAttention(nn.Module):
     def forward(
         self, queries: torch.Tensor, x: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        pooled, logits = self.pool(queries, x)
+        return self.project_pooled(pooled), logits
+
+    def pool(self, queries: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The softmax-pooled inputs (Q, H, D) of each query and head, and the logits (H, Q, M)."""
         logits = self.attention_logits(queries, x)
         weights = torch.softmax(logits, dim=-1)
-        pooled = torch.einsum("hqm,md->qhd", weights.to(x.dtype), x)
-        return self.project_pooled(pooled), logits
+        return torch.einsum("hqm,md->qhd", weights.to(x.dtype), x), logits
 
     def project_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
         """The output (Q, dim) from the softmax-pooled inputs (Q, H, D): values, output projection

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import os
+from functools import partial
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,8 @@ class ModelSpec:
 
 MODELS: dict[str, ModelSpec] = {
     "asmil": ModelSpec(ASMIL, anchored=True),
+    # ASMIL whose tokens read their attention-pooled tiles with linear heads (docs/model.md: why).
+    "asmil_linear": ModelSpec(partial(ASMIL, readout="linear"), anchored=True),
     "acmil": ModelSpec(ACMIL, anchored=False),
     "abmil": ModelSpec(ABMIL, anchored=False),
     # The "Anchor + NSF" plug-in (spec section 8): same network as ABMIL, trained with the anchor.
