@@ -811,3 +811,34 @@ def test_nsf_is_not_shift_invariant() -> None:
     assert fraction[30.0] == pytest.approx(1.0, abs=1e-6)
     assert fraction[-30.0] < fraction[0.0] < fraction[30.0]
     torch.testing.assert_close(torch.softmax(z + 30.0, -1), torch.softmax(z, -1))
+
+
+def test_the_faithful_asmil_gives_the_logits_it_gave_before_its_readouts_were_added() -> None:
+    """Pinned before the mean/linear readouts existed: the paper's model, its initialisation and its
+    random stream (dropout, then token dropout) are unchanged."""
+    torch.manual_seed(0)
+    model = build_model("asmil", 32, 2, n_tokens=4, inner_dim=16, n_heads=2)
+    torch.manual_seed(1)
+    bag = torch.randn(50, 32)
+    out = model.eval()(bag)
+    assert out["logits"].tolist() == pytest.approx([0.4365336298942566, 0.436443567276001], rel=1e-5)
+    assert out["attn_logits"][0, 0, :3].tolist() == pytest.approx(
+        [-0.009023436345160007, -0.041364870965480804, -0.019715582951903343], rel=1e-4)
+    torch.manual_seed(2)
+    assert model.train()(bag)["logits"].tolist() == pytest.approx([0.4162687659263611, 0.5328249931335449], rel=1e-5)
+    assert sum(p.numel() for p in model.parameters()) == 6226
+
+
+def test_linear_readouts_carry_no_unused_weights_and_drop_tokens() -> None:
+    torch.manual_seed(0)
+    model = build_model("asmil_linear", 32, 3, n_tokens=4, inner_dim=16, n_heads=2)
+    names = {n for n, _ in model.named_parameters()}
+    assert names == {"tokens", "head_weight", "head_bias", "reduce.0.weight", "token_attention.q_weight",
+                     "token_attention.q_bias", "token_attention.k_weight", "token_attention.k_bias"}
+    out = model.train()(torch.randn(40, 32))
+    out["logits"].sum().backward()
+    assert model.tokens.grad is not None and model.head_weight.grad.abs().sum() > 0
+    # half the tokens are dropped in training: exactly two heads take part in each step
+    assert int((model.head_weight.grad.abs().sum(dim=(1, 2)) > 0).sum()) == 2
+    with pytest.raises(ValueError, match="readout must be one of"):
+        build_model("asmil", 32, 2, readout="deep")
