@@ -7,6 +7,11 @@ Two cohorts:
     #     from the bag mean; generated under --work on first use
     python benchmarks/asmil_claims.py witness --work /tmp/claims --seeds 5 --epochs 50 --lrs 1e-4 1e-3 --jobs 2
 
+    # (c) semi-synthetic bags of the demo's real pretrained features (after `make demo`): 0.5-2 %
+    #     tumour tiles over per-bag mixtures of normal tissue, split by source slide
+    #     (wsi_asmil.synthetic.tumour_mix; its mean-pooling and oracle AUCs in mix_baselines.json)
+    python benchmarks/asmil_claims.py mix --results results --work /tmp/claims_mix --seeds 5 --epochs 50 --jobs 2
+
     # (b) the demo cohort with its pretrained features (after `make demo`), tumour tiles from the
     #     demo's truth masks, 4-fold cross-validation per seed
     python benchmarks/asmil_claims.py demo --results results --work /tmp/claims_demo --seeds 5 --epochs 20 --jobs 2
@@ -174,33 +179,42 @@ def witness_cohort(
     return cohort / "features", [split], None
 
 
-def demo_cohort(results: Path, work: Path, seeds: int, folds: int) -> tuple[Path, list[dict[str, Any]], Path]:
-    """The demo's features and per-tile tumour truth (tiles at least half tumour, from the truth
-    masks the localisation stage rasterised), and a stratified k-fold split per seed."""
-    from wsi_asmil.features.store import open_store
-    from wsi_asmil.maps.localisation import tile_fractions
-    from wsi_asmil.mil.split import make_split
-    from wsi_asmil.tissue.masks import read_tumour_mask
-
+def demo_features(results: Path) -> Path:
+    """The one features folder of a demo run."""
     features_dirs = sorted(p for p in (results / "features").glob("*/*") if p.is_dir())
     if len(features_dirs) != 1:
         raise SystemExit(f"expected one features folder under {results}/features, found {features_dirs}")
-    features_dir = features_dirs[0]
+    return features_dirs[0]
+
+
+def mix_cohort(results: Path, work: Path, n_bags: int, bag_size: tuple[int, int]) -> tuple[Path, list[dict[str, Any]], None]:
+    """Semi-synthetic bags of the demo's real features (wsi_asmil.synthetic.tumour_mix), generated
+    once, with their one split by source slide; the pooling baselines go to mix_baselines.json."""
+    from wsi_asmil.synthetic.tumour_mix import MixSpec, pooling_baselines, split_of, write_tumour_mix_cohort
+
+    cohort = work / "tumour_mix"
+    if not (cohort / "labels.csv").is_file():
+        write_tumour_mix_cohort(cohort, demo_features(results), results / "localisation" / "truth",
+                                MixSpec(n_bags=n_bags, bag_size=bag_size))
+        baselines = pooling_baselines(cohort)
+        (work / "mix_baselines.json").write_text(json.dumps(baselines, indent=2))
+        log.info("tumour-mix cohort: mean pooling AUC %.3f, oracle AUC %.3f", baselines["mean_pooling_auc"],
+                 baselines["oracle_max_auc"])
+    return cohort / "features", [split_of(cohort)], None
+
+
+def demo_cohort(results: Path, work: Path, seeds: int, folds: int) -> tuple[Path, list[dict[str, Any]], Path]:
+    """The demo's features and per-tile tumour truth (tiles at least half tumour, from the truth
+    masks the localisation stage rasterised), and a stratified k-fold split per seed."""
+    from wsi_asmil.mil.split import make_split
+    from wsi_asmil.synthetic.tumour_mix import TUMOUR_FRACTION, tumour_fractions
+
+    features_dir = demo_features(results)
     truth_file = work / "demo_tile_truth.npz"
     if not truth_file.is_file():
-        truth = {}
-        for png in sorted((results / "localisation" / "truth").glob("*.png")):
-            slide = png.stem
-            store = features_dir / f"{slide}.zarr"
-            if not store.exists():
-                continue
-            group = open_store(store)  # the coords and attrs only, not the features
-            coords, attrs = group["coords"][:], dict(group.attrs)
-            mask, side = read_tumour_mask(png, png.with_suffix(".json"))
-            fractions = tile_fractions(coords, float(attrs["tile_extent"]), mask, float(side["downsample"]))
-            truth[slide] = (fractions >= 0.5).astype(np.int8)
+        fractions = tumour_fractions(features_dir, results / "localisation" / "truth")
         work.mkdir(parents=True, exist_ok=True)
-        np.savez(truth_file, **truth)
+        np.savez(truth_file, **{s: (f >= TUMOUR_FRACTION).astype(np.int8) for s, f in fractions.items()})
     labels_csv = results / "demo" / "labels.csv"
     splits = [make_split(labels_csv, "kfold", folds, 0.2, seed) for seed in range(seeds)]
     return features_dir, splits, truth_file
@@ -356,9 +370,9 @@ def plot_traces(table: pd.DataFrame, path: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("cohort", choices=["witness", "demo"])
+    p.add_argument("cohort", choices=["witness", "demo", "mix"])
     p.add_argument("--work", type=Path, required=True, help="runs and the generated cohort go here")
-    p.add_argument("--results", type=Path, default=Path("results"), help="demo: the workflow's out_dir")
+    p.add_argument("--results", type=Path, default=Path("results"), help="demo, mix: the workflow's out_dir")
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--epochs", type=int, default=50)
     p.add_argument("--lrs", type=float, nargs="+", default=[1e-4])
@@ -367,15 +381,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--folds", type=int, default=4, help="demo: folds per seed")
     p.add_argument("--use-folds", type=int, default=None,
                    help="demo: train only the first K folds of each seed's split (each seed draws its own folds)")
-    p.add_argument("--bags", type=int, default=360, help="witness: bags in the cohort")
+    p.add_argument("--bags", type=int, default=360, help="witness, mix: bags in the cohort")
     p.add_argument("--bag-size", type=int, nargs=2, default=(500, 1500), metavar=("MIN", "MAX"),
-                   help="witness: tiles per bag")
+                   help="witness, mix: tiles per bag")
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS), metavar="VARIANT")
     p.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 1)))
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.cohort == "witness":
         features_dir, splits, truth_file = witness_cohort(args.work, 0, args.bags, tuple(args.bag_size))
+    elif args.cohort == "mix":
+        features_dir, splits, truth_file = mix_cohort(args.results, args.work, args.bags, tuple(args.bag_size))
     else:
         features_dir, splits, truth_file = demo_cohort(args.results, args.work, args.seeds, args.folds)
     runs = []

@@ -52,3 +52,17 @@ def test_the_benchmark_runs_at_toy_size(claims, tmp_path: Path) -> None:
     traces = pd.read_csv(tmp_path / "traces.csv")  # 3 traced variants x 2 epochs, each over 2 seeds
     assert len(traces) == 6 and (traces["runs"] == 2).all() and (tmp_path / "traces.png").stat().st_size > 0
     assert (traces["top_ratio_min"] <= traces["top_ratio_mean"]).all()
+
+
+def test_the_semi_synthetic_cohort_runs_at_toy_size(claims, tmp_path: Path) -> None:
+    """The mix cohort from a run's features and truth masks (faked as test_tumour_mix does)."""
+    from test_tumour_mix import fake_run
+
+    results = tmp_path / "results"
+    fake_run(results, 12, 3.0, results / "features" / "0.5mpp_224px" / "fake", results / "localisation" / "truth")
+    claims.main(["mix", "--results", str(results), "--work", str(tmp_path / "work"), "--bags", "24", "--bag-size", "40",
+                 "80", "--seeds", "1", "--epochs", "1", "--lrs", "1e-3", "--variants", "ABMIL", "--jobs", "1"])
+    runs = pd.read_csv(tmp_path / "work" / "runs.csv")
+    assert len(runs) == 1 and runs["positive_mass"].between(0, 1).all()
+    baselines = (tmp_path / "work" / "mix_baselines.json").read_text()
+    assert "mean_pooling_auc" in baselines and "oracle_max_auc" in baselines

@@ -359,6 +359,18 @@ def _label_name(positive: bool) -> str:
     return POSITIVE if positive else NEGATIVE
 
 
+def write_bag_store(
+    features_dir: Path, bag_id: str, coords: np.ndarray, features: np.ndarray, truth: np.ndarray,
+    attrs: dict[str, Any],
+) -> None:
+    """One bag as a features store with its per-tile truth (``tile_truth``), written atomically
+    through :func:`wsi_asmil.features.store.feature_writer`."""
+    with store.feature_writer(features_dir / f"{bag_id}.zarr", coords, features.shape[1], attrs) as writer:
+        writer.write(0, features)
+        group = zarr.open_group(writer.array.store, mode="r+")
+        group.create_array(store.TILE_TRUTH, data=truth, chunks=(max(1, min(store.ROWS_PER_CHUNK, len(truth))),))
+
+
 def write_witness_cohort(
     out_dir: str | Path, spec: WitnessSpec, progress: bool = True
 ) -> Path:
@@ -399,12 +411,7 @@ def write_witness_cohort(
             "min_tissue_fraction": 0.0,
             "slide_dimensions": list(bag.slide_dimensions),
         }
-        with store.feature_writer(features_dir / f"{ids[i]}.zarr", bag.coords, spec.feature_dim, attrs) as writer:
-            writer.write(0, bag.features)
-            group = zarr.open_group(writer.array.store, mode="r+")
-            group.create_array(
-                store.TILE_TRUTH, data=bag.truth, chunks=(max(1, min(store.ROWS_PER_CHUNK, m)),)
-            )
+        write_bag_store(features_dir, ids[i], bag.coords, bag.features, bag.truth, attrs)
         summary.append({
             "slide_id": ids[i],
             "label": attrs["label"],
