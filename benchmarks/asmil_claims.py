@@ -1,20 +1,33 @@
 """Does ASMIL do what its paper claims, here? Every claim measured over seeds, with paired differences.
 
-Two cohorts:
+Four cohorts:
 
     # (a) the witness-bag benchmark: 360 feature-level bags of 500-1,500 tiles (200 train, 60 val,
-    #     100 test), witnesses 0.5-2 % of a positive bag, decoys in negative bags, a per-bag offset that hides the label
-    #     from the bag mean; generated under --work on first use
+    #     100 test), witnesses 0.5-2 % of a positive bag, decoys in negative bags, a per-bag offset
+    #     that hides the label from the bag mean; generated under --work on first use
     python benchmarks/asmil_claims.py witness --work /tmp/claims --seeds 5 --epochs 50 --lrs 1e-4 1e-3 --jobs 2
+
+    # (b) witnesses of another kind: out along two directions at once, half-look-alike decoys in
+    #     every bag, so that no direction ranks them first (wsi_asmil.synthetic.witness)
+    python benchmarks/asmil_claims.py witness --witness-kind conjunction --work /tmp/claims_conj \
+        --seeds 5 --epochs 50 --lrs 1e-3 --jobs 2
 
     # (c) semi-synthetic bags of the demo's real pretrained features (after `make demo`): 0.5-2 %
     #     tumour tiles over per-bag mixtures of normal tissue, split by source slide
     #     (wsi_asmil.synthetic.tumour_mix; its mean-pooling and oracle AUCs in mix_baselines.json)
     python benchmarks/asmil_claims.py mix --results results --work /tmp/claims_mix --seeds 5 --epochs 50 --jobs 2
 
-    # (b) the demo cohort with its pretrained features (after `make demo`), tumour tiles from the
+    # (d) the demo cohort with its pretrained features (after `make demo`), tumour tiles from the
     #     demo's truth masks, 4-fold cross-validation per seed
     python benchmarks/asmil_claims.py demo --results results --work /tmp/claims_demo --seeds 5 --epochs 20 --jobs 2
+
+The mechanism behind flat ASMIL attention: the readouts that take parts of ASMIL's away (and the
+repaired ``asmil_linear``), with their per-epoch traces (``traces.csv``, ``traces.png``: training
+CE, logit spread, top tile x M, mass on the positives, per variant and learning rate)::
+
+    python benchmarks/asmil_claims.py witness --work /tmp/claims --seeds 5 --epochs 50 --lrs 1e-3 1e-4 --jobs 2 \
+        --variants ASMIL "ASMIL mean readout (no CLS aggregator)" "ASMIL linear readout + LayerNorm" \
+        "ASMIL linear readout (asmil_linear)" "ASMIL linear readout, no anchor (beta 0)" ABMIL ACMIL
 
 Each (learning rate, variant, seed, fold) is one ``train_fold`` run with the project's trainer (the
 paper's protocol: AdamW, cosine decay, one bag per step, selection on validation F1 + AUC); the seed
@@ -154,16 +167,16 @@ def summarise_run(run: Run, out: Path) -> dict[str, Any]:
 
 
 def witness_cohort(
-    work: Path, seed: int, n_bags: int = 360, bag_size: tuple[int, int] = (500, 1500)
+    work: Path, seed: int, n_bags: int = 360, bag_size: tuple[int, int] = (500, 1500), kind: str = "direction"
 ) -> tuple[Path, list[dict[str, Any]], None]:
-    """The witness-bag cohort (generated once) and one fixed split for every seed: 200/60/100 of
-    360 bags (the same shares of another count), stratified by label."""
+    """The witness-bag cohort of witnesses of ``kind`` (generated once) and one fixed split for
+    every seed: 200/60/100 of 360 bags (the same shares of another count), stratified by label."""
     from wsi_asmil.synthetic.witness import WitnessSpec, write_witness_cohort
 
-    cohort = work / "witness"
+    cohort = work / ("witness" if kind == "direction" else f"witness_{kind}")
     labels_csv = cohort / "labels.csv"
     if not labels_csv.is_file():
-        write_witness_cohort(cohort, WitnessSpec(n_bags=n_bags, bag_size=bag_size, seed=seed))
+        write_witness_cohort(cohort, WitnessSpec(n_bags=n_bags, bag_size=bag_size, seed=seed, witness_kind=kind))
     table = pd.read_csv(labels_csv, dtype=str)
     labels = dict(zip(table["slide_id"], table["label"]))
     rng = np.random.default_rng(seed)
@@ -384,12 +397,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--bags", type=int, default=360, help="witness, mix: bags in the cohort")
     p.add_argument("--bag-size", type=int, nargs=2, default=(500, 1500), metavar=("MIN", "MAX"),
                    help="witness, mix: tiles per bag")
+    p.add_argument("--witness-kind", choices=["direction", "conjunction"], default="direction",
+                   help="witness: witnesses out along one direction, or along two at once (a third generator)")
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS), metavar="VARIANT")
     p.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 1)))
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.cohort == "witness":
-        features_dir, splits, truth_file = witness_cohort(args.work, 0, args.bags, tuple(args.bag_size))
+        features_dir, splits, truth_file = witness_cohort(args.work, 0, args.bags, tuple(args.bag_size),
+                                                          args.witness_kind)
     elif args.cohort == "mix":
         features_dir, splits, truth_file = mix_cohort(args.results, args.work, args.bags, tuple(args.bag_size))
     else:

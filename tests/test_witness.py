@@ -275,3 +275,57 @@ def test_rewriting_gives_byte_identical_features(tmp_path: Path) -> None:
     features, _, _ = store.read_features(tmp_path / "a" / "features" / "bag_0000.zarr")
     content, _ = bag_labels(spec)
     np.testing.assert_array_equal(features, make_bag(spec, bag_rng(spec, 0), bool(content[0]))[0])
+
+
+# --- witnesses of another kind: a conjunction of two directions ---------------------------------
+
+CONJUNCTION = dataclasses.replace(SPEC, witness_kind="conjunction")
+
+
+@pytest.fixture(scope="module")
+def conjunction_bags() -> tuple[list[witness.WitnessBag], np.ndarray]:
+    return _bags(CONJUNCTION)
+
+
+def test_conjunction_witnesses_rank_first_only_on_both_directions(conjunction_bags) -> None:
+    bag_list, content = conjunction_bags
+    world = witness_world(CONJUNCTION)
+    w, w2 = world.direction, world.rotation[:, 1]
+    features = np.concatenate([b.features for b in bag_list])
+    truth = np.concatenate([b.truth for b in bag_list])
+    witness_or_decoy = truth != 0
+    is_witness = truth[witness_or_decoy] > 0
+    x = features[witness_or_decoy]
+    # along w + w2 a witness and a decoy look alike; along w or w2 alone half the decoys outrank them
+    assert 0.3 < roc_auc_score(is_witness, x @ (w + w2)) < 0.7
+    for d in (w, w2):
+        assert roc_auc_score(is_witness, x @ d) < 0.8
+    # their conjunction finds them among every tile, and max-pooled it separates the bags
+    assert roc_auc_score(truth > 0, np.minimum(features @ w, features @ w2)) > 0.97
+    scores = [float(np.minimum(b.features @ w, b.features @ w2).max()) for b in bag_list]
+    assert roc_auc_score(content.astype(int), scores) > 0.95
+
+
+def test_conjunction_decoys_are_in_every_bag_and_the_mean_hides_the_label(conjunction_bags) -> None:
+    bag_list, content = conjunction_bags
+    decoy_share = np.array([(b.truth == witness.DECOY).mean() for b in bag_list])
+    assert (decoy_share > 0).all()
+    assert abs(decoy_share[content].mean() - decoy_share[~content].mean()) < 0.005
+    assert all((b.truth > 0).any() == c for b, c in zip(bag_list, content))
+    assert _mean_pool_auc(bag_list, content.astype(int)) < 0.7
+
+
+def test_the_direction_kind_is_unchanged_by_the_conjunction_option() -> None:
+    """Bags pinned before the option existed (the truth exactly, the features to float16's
+    precision): the benchmark's cohort is the one it was."""
+    import hashlib
+
+    pinned = ((5, True, "03234dcd7de9afe7", (568, 128), 329.0933, [0.32763671875, -0.1220703125, -0.9091796875]),
+              (6, False, "42af3a5f9df59720", (276, 128), 2277.3335, [1.078125, -2.306640625, -0.60009765625]))
+    for i, label, digest, shape, total, first in pinned:
+        features, truth = make_bag(SPEC, bag_rng(SPEC, i), label)
+        assert hashlib.sha256(truth.tobytes()).hexdigest()[:16] == digest and features.shape == shape
+        assert features.astype(np.float64).sum() == pytest.approx(total, abs=0.5)
+        np.testing.assert_allclose(features[0, :3], first, atol=2e-3)
+    with pytest.raises(ValueError, match="witness_kind"):
+        WitnessSpec(witness_kind="xor")

@@ -41,6 +41,13 @@ and a detector of "close to a witness appearance" fires on the decoys of negativ
 The mirror holds too: a decoy is evidence for "negative", so a model may attend to look-alikes
 of either sign; in positive bags the look-alikes are exactly the witnesses.
 
+Witnesses of another kind (``witness_kind="conjunction"``): a witness is far out along two
+orthogonal directions at once, ``w`` and ``w2`` (``witness_shift`` on each), and every bag, of
+either class, holds half-look-alikes (the decoys) twice as far out along only one of them. On
+``w + w2`` a witness and a decoy then project alike, and along ``w`` or ``w2`` alone some decoys
+outrank every witness: no direction ranks the witnesses first, only their conjunction
+(``min(x.w, x.w2)``) does, and only witnesses carry the label.
+
 Command line: ``python -m wsi_asmil.synthetic.witness --out DIR --bags 240 [--seed 0 --dim 128]``.
 """
 
@@ -78,6 +85,7 @@ TISSUE_FILL = 0.55
 #: Background tiles per tissue-type Voronoi seed.
 TILES_PER_TISSUE_SEED = 150
 NEGATIVE, POSITIVE = "negative", "positive"
+WITNESS_KINDS = ("direction", "conjunction")
 
 
 def _pair(value: Sequence[float], cast: type) -> tuple[Any, Any]:
@@ -131,6 +139,9 @@ class WitnessSpec:
     tile_size: int = 224
     #: Seed of the cohort: the world, the labels and every bag.
     seed: int = 0
+    #: ``direction`` (witnesses out along ``w``, decoys only in negative bags) or ``conjunction``
+    #: (witnesses out along ``w`` and ``w2`` at once, half-look-alike decoys in every bag).
+    witness_kind: str = "direction"
 
     def __post_init__(self) -> None:
         for name, cast in (("bag_size", int), ("witness_rate", float), ("decoy_rate", float), ("noise_sd", float)):
@@ -172,6 +183,8 @@ class WitnessSpec:
             raise ValueError(f"label_noise must be within [0, 1], got {self.label_noise}")
         if self.tile_size < 1 or self.seed < 0:
             raise ValueError("tile_size must be >= 1 and seed >= 0")
+        if self.witness_kind not in WITNESS_KINDS:
+            raise ValueError(f"witness_kind must be one of {WITNESS_KINDS}, got {self.witness_kind!r}")
 
     def to_json(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
@@ -189,7 +202,8 @@ class WitnessWorld:
     tissue_centres: np.ndarray
     #: (n_clusters, D) witness cluster centres; row k-1 is cluster k.
     witness_centres: np.ndarray
-    #: (n_clusters, D) decoy centres: the witness appearances on the negative side of ``w``.
+    #: Decoy centres: (n_clusters, D) the witness appearances on the negative side of ``w``; for
+    #: conjunction witnesses (2 n_clusters, D), out along ``w`` alone, then along ``w2`` alone.
     decoy_centres: np.ndarray
     #: (D,) within-cluster noise sd per latent axis (axis 0 is ``w``).
     latent_noise_sd: np.ndarray
@@ -197,12 +211,12 @@ class WitnessWorld:
 
 def _world_key(spec: WitnessSpec) -> tuple[Any, ...]:
     return (spec.seed, spec.feature_dim, spec.n_clusters, spec.n_tissue_types, spec.tissue_spread,
-            spec.lookalike_distance, spec.noise_sd, spec.witness_shift, spec.decoy_shift)
+            spec.lookalike_distance, spec.noise_sd, spec.witness_shift, spec.decoy_shift, spec.witness_kind)
 
 
 @functools.lru_cache(maxsize=8)
 def _world(key: tuple[Any, ...]) -> WitnessWorld:
-    seed, dim, n_clusters, n_types, spread, distance, noise_sd, witness_shift, decoy_shift = key
+    seed, dim, n_clusters, n_types, spread, distance, noise_sd, witness_shift, decoy_shift, kind = key
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(0,)))
     q, r = np.linalg.qr(rng.standard_normal((dim, dim)))
     q = q * np.sign(np.diag(r))  # a uniformly random rotation, the same for every LAPACK
@@ -224,6 +238,11 @@ def _world(key: tuple[Any, ...]) -> WitnessWorld:
     flat = off_w(rng.choice([-1.0, 1.0], (n_clusters, dim)) / np.sqrt(dim))
     looks = tissue[np.arange(n_clusters) % n_types] + distance * flat / np.linalg.norm(flat, axis=1, keepdims=True)
     witness, decoy = looks + witness_shift * w, looks - decoy_shift * w
+    if kind == "conjunction":  # w2 = q[:, 1], orthogonal to w; looks carry no share of it either
+        w2 = q[:, 1]
+        looks = looks - np.outer(looks @ w2, w2)
+        witness = looks + witness_shift * (w + w2)
+        decoy = np.concatenate([looks + 2 * witness_shift * w, looks + 2 * witness_shift * w2])
     lo, hi = noise_sd
     sd = np.exp(rng.uniform(np.log(lo), np.log(hi), dim))
     sd[0] = 1.0
@@ -304,6 +323,24 @@ def _blobs(rng: np.random.Generator, rows: np.ndarray, cols: np.ndarray, n: int)
     return np.argsort(score, kind="stable")[:n]
 
 
+def _conjunction_decoys(spec: WitnessSpec, rng: np.random.Generator, rows: np.ndarray, cols: np.ndarray,
+                        label: bool, look: np.ndarray, truth: np.ndarray, kind: np.ndarray) -> None:
+    """Half-look-alikes in every bag, in place: a negative bag's look-alikes become decoys out along
+    ``w`` or ``w2`` alone; a positive bag gets as many again beside its witnesses, so decoys carry
+    no label."""
+    k, types = spec.n_clusters, spec.n_tissue_types
+    if label:
+        free = np.setdiff1d(np.arange(len(truth)), look)
+        lo, hi = spec.decoy_rate
+        n = 0 if hi == 0 else min(len(free), max(1, int(round(_log_uniform(rng, lo, hi) * len(truth)))))
+        extra = free[_blobs(rng, rows[free], cols[free], n)]
+        truth[extra] = DECOY
+        kind[extra] = types + k + rng.integers(0, k, n)
+    decoys = np.flatnonzero(truth == DECOY)
+    axis = rng.integers(0, 2, len(decoys))  # out along w (0) or w2 (1)
+    kind[decoys] = types + k + (kind[decoys] - types - k) % k + axis * k
+
+
 def make_bag_tiles(spec: WitnessSpec, rng: np.random.Generator, label: bool) -> WitnessBag:
     """Draw one bag from ``rng``: positive (``label`` true) bags hold witnesses, negative ones decoys."""
     world = witness_world(spec)
@@ -329,6 +366,8 @@ def make_bag_tiles(spec: WitnessSpec, rng: np.random.Generator, label: bool) -> 
     truth = np.zeros(m, dtype=np.int8)
     truth[look] = cluster + 1 if label else DECOY
     kind[look] = spec.n_tissue_types + cluster + (0 if label else k)
+    if spec.witness_kind == "conjunction":
+        _conjunction_decoys(spec, rng, rows, cols, label, look, truth, kind)
 
     offset = spec.nuisance_sd * rng.standard_normal(dim)
     noise = rng.standard_normal((m, dim)) * world.latent_noise_sd
@@ -454,6 +493,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--decoy-shift", type=float, default=d.decoy_shift)
     p.add_argument("--nuisance-sd", type=float, default=d.nuisance_sd)
     p.add_argument("--label-noise", type=float, default=d.label_noise, help="share of labels flipped")
+    p.add_argument("--kind", choices=WITNESS_KINDS, default=d.witness_kind,
+                   help="witnesses out along one direction, or along two at once (conjunction)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--log-level", default="INFO", help="logging level")
     args = p.parse_args(argv)
@@ -463,6 +504,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         positive_share=args.positive_share, bag_size=tuple(args.bag_size), witness_rate=tuple(args.witness_rate),
         decoy_rate=tuple(args.decoy_rate), dominant_share=args.dominant_share, witness_shift=args.witness_shift,
         decoy_shift=args.decoy_shift, nuisance_sd=args.nuisance_sd, label_noise=args.label_noise,
+        witness_kind=args.kind,
     )
     write_witness_cohort(args.out, spec, progress=not args.no_progress)
     return 0
