@@ -69,6 +69,7 @@ def test_bags_have_the_promised_rates_truth_and_sources(tmp_path: Path) -> None:
     split = split_of(out)
     assert [len(split["folds"][0][p]) for p in ("train", "val", "test")] == [22, 7, 11]
     assert sum(b["label"] == "positive" for b in meta["bags"]) == 20
+    assert sum(p["tumour_tiles"] for p in meta["pools"].values()) == 6 * 16  # the even slides' 4 x 4 tumours
     for bag in meta["bags"]:
         group = open_store(out / "features" / f"{bag['slide_id']}.zarr")
         values, tile_truth = group["features"][:], group["tile_truth"][:]

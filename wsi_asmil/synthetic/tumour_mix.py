@@ -179,7 +179,11 @@ def write_tumour_mix_cohort(out_dir: str | Path, features_dir: str | Path, truth
         summary.append({"slide_id": bag_id, "label": label, "part": part, "n_tiles": len(tiles),
                         "n_tumour": int(truth.sum()), "sources": sorted({s for s, _ in tiles})})
     write_csv(out / "labels.csv", pd.DataFrame(rows))
-    write_json(out / "tumour_mix.json", {"spec": dataclasses.asdict(spec), "parts": pools.part, "bags": summary})
+    sizes = {part: {"slides": len(pools.slides(part)),
+                    "normal_tiles": sum(len(pools.normal[s]) for s in pools.slides(part)),
+                    "tumour_tiles": sum(len(pools.tumour[s]) for s in pools.slides(part))} for part in PARTS}
+    write_json(out / "tumour_mix.json", {"spec": dataclasses.asdict(spec), "parts": pools.part, "pools": sizes,
+                                         "bags": summary})
     log.info("%d tumour-mix bags (%d positive) from %d slides -> %s", spec.n_bags, n_pos, len(pools.part), out)
     return out
 
