@@ -48,6 +48,7 @@ import logging
 import math
 import os
 import re
+import shlex
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -323,7 +324,9 @@ def report(runs: pd.DataFrame, cohort: str, command: str) -> str:
         for claim, measure, variant, reference, sign in [*CLAIMS, *REPAIR_CLAIMS]:
             d = paired(seeds, lr, variant, measure, reference)
             v = verdict(d, sign)
-            flat = [m for m in (variant, reference) if uniform.get(m, 0.0) > 0.5]
+            # A repair is tested against flat attention: only its own flatness leaves nothing to test.
+            tested = (variant,) if (claim, measure, variant, reference, sign) in REPAIR_CLAIMS else (variant, reference)
+            flat = [m for m in tested if uniform.get(m, 0.0) > 0.5]
             if measure not in ("f1_macro", "auc") and flat and d["n"]:
                 # Flat attention has no instability and no concentration to compare: a uniform model
                 # would "win" every attention claim by not attending at all.
@@ -438,7 +441,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     table.to_csv(previous, index=False)
     per_seed(table).to_csv(args.work / f"summary{suffix}.csv", index=False)
-    command = "python benchmarks/asmil_claims.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python benchmarks/asmil_claims.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     text = report(table, f"{args.cohort} cohort, {args.schedule} schedule", command)
     (args.work / f"claims{suffix}.md").write_text(text)
     trace_table = traces(runs)

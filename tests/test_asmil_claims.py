@@ -66,3 +66,21 @@ def test_the_semi_synthetic_cohort_runs_at_toy_size(claims, tmp_path: Path) -> N
     assert len(runs) == 1 and runs["positive_mass"].between(0, 1).all()
     baselines = (tmp_path / "work" / "mix_baselines.json").read_text()
     assert "mean_pooling_auc" in baselines and "oracle_max_auc" in baselines
+
+
+def test_a_repair_is_tested_against_flat_attention_but_never_when_flat_itself(claims) -> None:
+    runs = pd.DataFrame([
+        {"lr": 1e-3, "variant": v, "seed": s, "fold": 0, **dict.fromkeys(claims.MEASURES, 0.5),
+         "positive_mass": mass + 0.01 * s, "uniform": flat}
+        for v, mass, flat in (("ASMIL", 0.01, 1.0), ("ASMIL linear readout (asmil_linear)", 0.1, 0.0), ("ABMIL", 0.9, 0.0))
+        for s in range(5)
+    ])
+    text = claims.report(runs, "toy", "python benchmarks/asmil_claims.py witness --variants 'A B'")
+    line = next(r for r in text.splitlines() if r.startswith("| asmil_linear attends to positives more than ASMIL"))
+    assert line.endswith("| holds |")
+    paper = next(r for r in text.splitlines() if r.startswith("| ASMIL localises positives better"))
+    assert "not testable (ASMIL: attention practically uniform)" in paper  # the paper's claims need both to attend
+    flat = runs.assign(uniform=1.0)
+    line = next(r for r in claims.report(flat, "toy", "cmd").splitlines()
+                if r.startswith("| asmil_linear attends to positives more than ASMIL"))
+    assert "not testable (ASMIL linear readout (asmil_linear)" in line
