@@ -81,11 +81,13 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "ASMIL linear readout + LayerNorm": ("asmil", {"readout": "linear_norm"}),
     "ASMIL linear readout (asmil_linear)": ("asmil_linear", {}),
     "ASMIL linear readout, no anchor (beta 0)": ("asmil_linear", {"beta": 0.0}),
+    "ASMIL linear readout, beta 0.1": ("asmil_linear", {"beta": 0.1}),
 }
 
 #: The variants whose per-epoch traces (traces.csv, traces.png) show the mechanism.
 TRACED = ("ASMIL", "ASMIL mean readout (no CLS aggregator)", "ASMIL linear readout + LayerNorm",
-          "ASMIL linear readout (asmil_linear)", "ABMIL")
+          "ASMIL linear readout (asmil_linear)", "ASMIL linear readout, beta 0.1",
+          "ASMIL linear readout, no anchor (beta 0)", "ABMIL")
 #: history.csv columns traced: the training CE, and what the test and val attention does.
 TRACE_COLUMNS = {"train_ce": "training CE", "logit_spread": "attention logit spread (sd over tiles)",
                  "top_ratio": "top tile × M", "positive_mass": "attention mass on positives"}
@@ -120,10 +122,6 @@ class Run:
     out: str
     truth_file: str | None
     schedule: str = "cosine"
-
-    @property
-    def slug(self) -> str:
-        return re.sub(r"[^a-z0-9]+", "_", self.variant.lower()).strip("_")
 
 
 def _train(run: Run) -> dict[str, Any]:
@@ -337,21 +335,28 @@ def report(runs: pd.DataFrame, cohort: str, command: str) -> str:
     return "\n".join(lines)
 
 
-def traces(runs: Sequence[Run]) -> pd.DataFrame:
+def run_dir(work: Path, schedule: str, lr: float, variant: str, seed: int, fold: int) -> Path:
+    """Where one run's outputs live under ``--work``."""
+    slug = re.sub(r"[^a-z0-9]+", "_", variant.lower()).strip("_")
+    runs_dir = "runs" if schedule == "cosine" else f"runs_{schedule}"
+    return work / runs_dir / f"lr{lr:g}" / slug / f"seed{seed}" / f"fold{fold}"
+
+
+def traces(table: pd.DataFrame, work: Path, schedule: str) -> pd.DataFrame:
     """Per (lr, variant, epoch): the mean and the spread over seeds and folds of each traced
-    history column, from every finished run of a traced variant."""
+    history column, over every finished run in ``table`` (this and earlier invocations)."""
     frames = []
-    for run in runs:
-        history = Path(run.out) / "history.csv"
-        if run.variant in TRACED and history.is_file():
+    for row in table.itertuples():
+        history = run_dir(work, schedule, row.lr, row.variant, row.seed, row.fold) / "history.csv"
+        if row.variant in TRACED and history.is_file():
             h = pd.read_csv(history)[["epoch", *TRACE_COLUMNS]]
-            frames.append(h.assign(lr=run.lr, variant=run.variant, seed=run.seed, fold=run.fold))
+            frames.append(h.assign(lr=row.lr, variant=row.variant, seed=row.seed, fold=row.fold))
     if not frames:
         return pd.DataFrame()
-    table = pd.concat(frames, ignore_index=True)
-    out = table.groupby(["lr", "variant", "epoch"])[list(TRACE_COLUMNS)].agg(["mean", "min", "max"])
+    runs = pd.concat(frames, ignore_index=True)
+    out = runs.groupby(["lr", "variant", "epoch"])[list(TRACE_COLUMNS)].agg(["mean", "min", "max"])
     out.columns = [f"{c}_{s}" for c, s in out.columns]
-    return out.reset_index().assign(runs=table.groupby(["lr", "variant", "epoch"]).size().to_numpy())
+    return out.reset_index().assign(runs=runs.groupby(["lr", "variant", "epoch"]).size().to_numpy())
 
 
 def plot_traces(table: pd.DataFrame, path: Path) -> None:
@@ -419,9 +424,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             for seed in range(args.seeds):
                 split = splits[seed % len(splits)]
                 for fold in range(min(len(split["folds"]), args.use_folds or len(split["folds"]))):
-                    slug = re.sub(r"[^a-z0-9]+", "_", variant.lower()).strip("_")
-                    runs_dir = "runs" if args.schedule == "cosine" else f"runs_{args.schedule}"
-                    out = args.work / runs_dir / f"lr{lr:g}" / slug / f"seed{seed}" / f"fold{fold}"
+                    out = run_dir(args.work, args.schedule, lr, variant, seed, fold)
                     runs.append(Run(lr, variant, seed, fold, str(features_dir), split, args.epochs, str(out),
                                     str(truth_file) if truth_file else None, args.schedule))
     log.info("%d runs on %d workers", len(runs), args.jobs)
@@ -444,7 +447,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     command = "python benchmarks/asmil_claims.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     text = report(table, f"{args.cohort} cohort, {args.schedule} schedule", command)
     (args.work / f"claims{suffix}.md").write_text(text)
-    trace_table = traces(runs)
+    trace_table = traces(table, args.work, args.schedule)
     if len(trace_table):
         trace_table.to_csv(args.work / f"traces{suffix}.csv", index=False)
         plot_traces(trace_table, args.work / f"traces{suffix}.png")
