@@ -218,15 +218,16 @@ def mix_cohort(results: Path, work: Path, n_bags: int, bag_size: tuple[int, int]
 def demo_cohort(results: Path, work: Path, seeds: int, folds: int) -> tuple[Path, list[dict[str, Any]], Path]:
     """The demo's features and per-tile tumour truth (tiles at least half tumour, from the truth
     masks the localisation stage rasterised), and a stratified k-fold split per seed."""
+    from wsi_asmil.maps.localisation import TUMOUR_TILE_FRACTION
     from wsi_asmil.mil.split import make_split
-    from wsi_asmil.synthetic.tumour_mix import TUMOUR_FRACTION, tumour_fractions
+    from wsi_asmil.synthetic.tumour_mix import tumour_fractions
 
     features_dir = demo_features(results)
     truth_file = work / "demo_tile_truth.npz"
     if not truth_file.is_file():
         fractions = tumour_fractions(features_dir, results / "localisation" / "truth")
         work.mkdir(parents=True, exist_ok=True)
-        np.savez(truth_file, **{s: (f >= TUMOUR_FRACTION).astype(np.int8) for s, f in fractions.items()})
+        np.savez(truth_file, **{s: (f >= TUMOUR_TILE_FRACTION).astype(np.int8) for s, f in fractions.items()})
     labels_csv = results / "demo" / "labels.csv"
     splits = [make_split(labels_csv, "kfold", folds, 0.2, seed) for seed in range(seeds)]
     return features_dir, splits, truth_file

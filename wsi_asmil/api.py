@@ -28,17 +28,11 @@ import numpy as np
 from wsi_asmil.core.run_layout import fold_checkpoint
 from wsi_asmil.features.encoders import build_encoder
 from wsi_asmil.features.extract import extract_slide
-from wsi_asmil.features.store import lazy_features, open_store
 from wsi_asmil.features.tile import TileParams
 from wsi_asmil.features.tile import tile_slide as _tile_slide
 from wsi_asmil.maps.heatmap import Style, draw_slide
-from wsi_asmil.maps.scores import JSON_SUFFIX
-from wsi_asmil.maps.scoring import (
-    FoldModels,
-    score_bag,
-    store_slide_id,
-    write_slide_scores,
-)
+from wsi_asmil.maps.scores import scores_paths
+from wsi_asmil.maps.scoring import FoldModels, score_store
 from wsi_asmil.mil.models import MILModel
 from wsi_asmil.mil.models import load_model as _load_checkpoint
 from wsi_asmil.slides.slide import Slide, slide_id_of
@@ -118,8 +112,8 @@ def load_models(models_dir: PathLike, device: str = "cpu") -> Models:
     """Every fold of a trained model (``<out_dir>/models/<model>``): scoring with all of them is
     the ensemble that ``predict`` uses for new slides."""
     root = Path(models_dir)
-    folds = sorted(int(p.name[4:]) for p in root.glob("fold*") if p.name[4:].isdigit()
-                   and fold_checkpoint(root, int(p.name[4:])).is_file())
+    numbers = (p.name.removeprefix("fold") for p in root.glob("fold*"))
+    folds = sorted(k for k in map(int, filter(str.isdigit, numbers)) if fold_checkpoint(root, k).is_file())
     if not folds:
         raise FileNotFoundError(f"no fold checkpoints (fold<k>/model.pt) in {root}")
     return Models(root.name, folds, FoldModels(root, device))
@@ -140,16 +134,12 @@ class SlideScores:
 
 def score_slide(features: PathLike, models: Models, out_dir: PathLike, folds: list[int] | None = None) -> SlideScores:
     """Score every tile of a features store with the given folds (default: all, the ensemble) and
-    write ``<slide>_scores.csv`` and ``.json`` into ``out_dir``, in the scoring stage's format."""
+    write ``<slide>_scores.csv`` and ``.json`` into ``out_dir``, as the scoring stage does."""
     use = list(models.folds if folds is None else folds)
-    sid = store_slide_id(features)
-    group = open_store(features)
-    coords, attrs = group["coords"][:], dict(group.attrs)
-    result = score_bag(lazy_features(features), use, models.checkpoints)
     fold_mode: str | int = "ensemble" if len(use) > 1 else use[0]
-    record = write_slide_scores(Path(out_dir), sid, models.name, fold_mode, coords, result, attrs)
-    csv = Path(out_dir) / f"{sid}_scores.csv"
-    return SlideScores(sid, coords, result.scores, record["probs"], csv, csv.with_name(f"{sid}{JSON_SUFFIX}"))
+    record, coords, result = score_store(features, use, models.checkpoints, Path(out_dir), models.name, fold_mode)
+    csv, json = scores_paths(out_dir, record["slide_id"])
+    return SlideScores(record["slide_id"], coords, result.scores, record["probs"], csv, json)
 
 
 def draw_heatmap(

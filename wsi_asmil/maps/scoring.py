@@ -330,23 +330,32 @@ def score_slides(
     out = Path(out_dir)
     records = []
     for path in features_stores:
-        sid = store_slide_id(path)
-        feats = store.lazy_features(path)
-        group = store.open_store(path)
-        coords, attrs = group["coords"][:], dict(group.attrs)
-        folds = choose_folds(fold_mode, sid, n_folds, split)
-        def advice(folds: list[int] = folds) -> str:  # at error time: which models had loaded
-            whole = any(not splits_at_softmax(m) for m in map(models.loaded, folds) if m is not None)
-            return scoring_advice(dev, chunk_tiles, whole)
-
-        with oom_guard("scoring", sid, len(coords), dev, advice):
-            result = score_bag(feats, folds, models, chunk_tiles)
-            if len(coords) == 0:
-                log.warning("slide '%s': no tiles, so no attention and no prediction", sid)
-            record = write_slide_scores(out, sid, model_name, fold_mode, coords, result, attrs)
-        log.info("slide '%s': %d tiles, folds %s, probabilities %s", sid, len(coords), folds, record["probs"])
-        records.append(record)
+        folds = choose_folds(fold_mode, store_slide_id(path), n_folds, split)
+        records.append(score_store(path, folds, models, out, model_name, fold_mode, chunk_tiles)[0])
     return records
+
+
+def score_store(
+    path: str | Path, folds: Sequence[int], models: FoldModels, out_dir: Path, model_name: str,
+    fold_mode: str | int, chunk_tiles: int = DEFAULT_CHUNK_TILES,
+) -> tuple[dict[str, Any], np.ndarray, SlideScores]:
+    """Score one features store with ``folds`` and write its scores files; returns (the record,
+    the tiles' coords, the scores). Out of memory raises a BagMemoryError naming the slide."""
+    sid = store_slide_id(path)
+    group = store.open_store(path)
+    coords, attrs = group["coords"][:], dict(group.attrs)
+
+    def advice() -> str:  # at error time: which models had loaded
+        whole = any(not splits_at_softmax(m) for m in map(models.loaded, folds) if m is not None)
+        return scoring_advice(models.device, chunk_tiles, whole)
+
+    with oom_guard("scoring", sid, len(coords), models.device, advice):
+        result = score_bag(store.lazy_features(path), folds, models, chunk_tiles)
+        if len(coords) == 0:
+            log.warning("slide '%s': no tiles, so no attention and no prediction", sid)
+        record = write_slide_scores(out_dir, sid, model_name, fold_mode, coords, result, attrs)
+    log.info("slide '%s': %d tiles, folds %s, probabilities %s", sid, len(coords), list(folds), record["probs"])
+    return record, coords, result
 
 
 # --- out of memory -----------------------------------------------------------------------------------

@@ -104,6 +104,13 @@ def instability_figure(histories: Mapping[str, Sequence[pd.DataFrame]]) -> bytes
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     axes[0].legend()
+    return _png(fig)
+
+
+def _png(fig: Any) -> bytes:
+    """A matplotlib figure as PNG bytes, the figure closed."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -134,11 +141,7 @@ def froc_figure(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]]) -
     ax.set_title("lesion-level FROC")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return _png(fig)
 
 
 def outlined(image: np.ndarray, slide_size: tuple[int, int], width: int, truth: np.ndarray | None,

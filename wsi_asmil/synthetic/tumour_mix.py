@@ -7,7 +7,7 @@ truth masks, and only the composition of each bag is synthetic.
 
 Pools, from a features folder and its truth masks (:func:`tumour_fractions`):
     a slide's *normal* tiles lie wholly outside the tumour (fraction 0), its *tumour* tiles at least
-    half on it (:data:`TUMOUR_FRACTION`); tiles in between are never used, so the truth is exact.
+    half on it (the localisation stage's ``TUMOUR_TILE_FRACTION``); tiles in between are never used, so the truth is exact.
 Parts:
     the source slides are divided among train, val and test by slide (stratified by whether a
     slide has tumour), so no slide's tiles reach two parts, and each bag draws from its part only.
@@ -39,13 +39,12 @@ from tqdm import tqdm
 
 from wsi_asmil.core.io import write_csv, write_json
 from wsi_asmil.features.store import open_store
+from wsi_asmil.maps.localisation import TUMOUR_TILE_FRACTION
 from wsi_asmil.synthetic.witness import NEGATIVE, POSITIVE, write_bag_store
 from wsi_asmil.tissue.masks import mask_fractions, read_tumour_mask
 
 log = logging.getLogger(__name__)
 
-#: A tile at least this much on tumour is a tumour tile (the localisation stage's rule).
-TUMOUR_FRACTION = 0.5
 PARTS = ("train", "val", "test")
 
 
@@ -105,7 +104,7 @@ def make_pools(fractions: dict[str, np.ndarray], spec: MixSpec) -> Pools:
     """The normal and tumour tiles of every slide, and the slides divided among the parts by
     slide, stratified by tumour, every part given at least one slide with tumour."""
     normal = {s: np.flatnonzero(f == 0) for s, f in fractions.items()}
-    tumour = {s: np.flatnonzero(f >= TUMOUR_FRACTION) for s, f in fractions.items()}
+    tumour = {s: np.flatnonzero(f >= TUMOUR_TILE_FRACTION) for s, f in fractions.items()}
     rng = np.random.default_rng([spec.seed, 1])
     part: dict[str, str] = {}
     for group in (sorted(s for s in fractions if len(tumour[s])), sorted(s for s in fractions if not len(tumour[s]))):
