@@ -29,6 +29,7 @@ include: "workflow/rules/report.smk"
 include: "workflow/rules/heatmap.smk"
 include: "workflow/rules/predict.smk"
 include: "workflow/rules/viewer.smk"
+include: "workflow/rules/disk.smk"
 
 
 rule all:

@@ -82,6 +82,16 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "ASMIL linear readout (asmil_linear)": ("asmil_linear", {}),
     "ASMIL linear readout, no anchor (beta 0)": ("asmil_linear", {"beta": 0.0}),
     "ASMIL linear readout, beta 0.1": ("asmil_linear", {"beta": 0.1}),
+    "ASMIL linear readout, tokens std 1, beta 0": ("asmil_linear", {"token_std": 1.0, "beta": 0.0}),
+    "ASMIL linear readout, tokens std 1": ("asmil_linear", {"token_std": 1.0}),
+    "ASMIL linear readout, anchor warm-up 10": ("asmil_linear", {"anchor_warmup_epochs": 10}),
+    "ASMIL linear readout, tokens std 1, anchor warm-up 10": (
+        "asmil_linear", {"token_std": 1.0, "anchor_warmup_epochs": 10}),
+    "ASMIL tokens std 1, anchor warm-up 10": ("asmil", {"token_std": 1.0, "anchor_warmup_epochs": 10}),
+    "ASMIL linear readout, tokens std 1, beta 0.1": ("asmil_linear", {"token_std": 1.0, "beta": 0.1}),
+    "ASMIL linear readout, tokens std 1, softmax target": (
+        "asmil_linear", {"token_std": 1.0, "target": "softmax", "tau": 1.0}),
+    "ASMIL tokens std 1, beta 0": ("asmil", {"token_std": 1.0, "beta": 0.0}),
 }
 
 #: The variants whose per-epoch traces (traces.csv, traces.png) show the mechanism.

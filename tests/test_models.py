@@ -781,7 +781,7 @@ def test_each_asmil_switch_changes_training(tmp_path, one_thread) -> None:
     }
     history, weights = {}, {}
     for name, overrides in switches.items():
-        params = {"epochs": 3, "models": {"asmil": {"n_tokens": 4, **overrides}}}
+        params = {"epochs": 3, "keep_last": True, "models": {"asmil": {"n_tokens": 4, **overrides}}}
         train_fold(features_dir, split, 0, "asmil", params, tmp_path / name, "cpu")
         history[name] = pd.read_csv(tmp_path / name / "history.csv")
         weights[name] = torch.load(tmp_path / name / "last.pt", weights_only=True)["state_dict"]

@@ -16,4 +16,5 @@ RUN_ID = _run_id.run_environment(OUT, workflow.is_main_process)
 
 
 onstart:
-    _provenance.write_run_manifest(workflow, config, OUT, RUN_ID)
+    check_disk()  # workflow/rules/disk.smk: a run that will not fit stops here, before any job
+    _provenance.write_run_manifest(workflow, config, OUT, RUN_ID, disk=DISK_PLAN.to_json() if DISK_PLAN else None)

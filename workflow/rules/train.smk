@@ -31,7 +31,7 @@ rule train:
         split=SPLIT,
     output:
         model=f"{MODEL_DIR}/model.pt",
-        last=f"{MODEL_DIR}/last.pt",
+        **({"last": f"{MODEL_DIR}/last.pt"} if config["train"]["keep_last"] else {}),
         history=f"{MODEL_DIR}/history.csv",
         predictions=f"{MODEL_DIR}/predictions.csv",
         metrics=f"{MODEL_DIR}/metrics.json",

@@ -29,6 +29,8 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from wsi_asmil.core.disk import disk_errors_named
+
 _HOST = socket.gethostname()
 
 
@@ -84,13 +86,15 @@ def remove_leftover_temporaries(path: Path) -> list[Path]:
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary sibling of ``path``; on success move it into place, on error delete it.
 
-    An earlier complete output survives a failed rewrite until the very last rename.
+    An earlier complete output survives a failed rewrite until the very last rename. A write that
+    fails for lack of space ends as :class:`~wsi_asmil.core.disk.DiskFullError`, naming ``path``,
+    its filesystem and the space left.
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_leftover_temporaries(final)
     tmp = _tmp_sibling(final)
-    try:
+    with disk_errors_named(final, cleanup=tmp):  # on any error: the temporary goes, then re-raise
         yield tmp
         if final.is_dir() and not final.is_symlink():
             old = _tmp_sibling(final)
@@ -99,12 +103,6 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-    except BaseException:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif tmp.exists():
-            tmp.unlink()
-        raise
 
 
 def strict_json(value: Any) -> Any:

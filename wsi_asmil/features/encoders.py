@@ -47,16 +47,19 @@ class EncoderSpec:
     input_size: int = 224
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    #: The feature width, where known without building the model (the disk plan reads it before a
+    #: run, when importing timm would cost seconds); tests/test_features.py checks it against timm.
+    dim: int | None = None
 
 
 #: Short names used in config.yaml. Any other timm model name (or ``hf-hub:...``) also works.
 ENCODERS: dict[str, EncoderSpec] = {
-    "resnet18": EncoderSpec("resnet18"),
-    "resnet50": EncoderSpec("resnet50"),
-    "vit_small": EncoderSpec("vit_small_patch16_224"),
-    "vit_small_dino": EncoderSpec("vit_small_patch16_224.dino"),
+    "resnet18": EncoderSpec("resnet18", dim=512),
+    "resnet50": EncoderSpec("resnet50", dim=2048),
+    "vit_small": EncoderSpec("vit_small_patch16_224", dim=384),
+    "vit_small_dino": EncoderSpec("vit_small_patch16_224.dino", dim=384),
     # timm's pretrained_cfg for this model: input 224, mean = std = 0.5 (TensorFlow's scaling to [-1, 1])
-    "efficientnet_lite0": EncoderSpec("tf_efficientnet_lite0", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+    "efficientnet_lite0": EncoderSpec("tf_efficientnet_lite0", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), dim=1280),
 }
 
 

@@ -39,6 +39,7 @@ import numpy as np
 import zarr
 
 from wsi_asmil import __version__
+from wsi_asmil.core.disk import disk_errors_named
 from wsi_asmil.core.io import atomic_path, write_json
 from wsi_asmil.core.run_id import store_pointer
 
@@ -145,20 +146,24 @@ class PartialFeatures:
         if resumed is not None:
             self.array, self.rows_done, self.failed = resumed
         else:
-            shutil.rmtree(self.path, ignore_errors=True)
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._start()
+        self.resumed_from = self.rows_done
+
+    def _start(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with disk_errors_named(self.path):
             root = zarr.open_group(self.path, mode="w", zarr_format=3)
             root.create_array("coords", data=self.coords, chunks=_row_chunks(len(self.coords), 2))
             self.array = root.create_array(
                 "features",
-                shape=(len(self.coords), dim),
+                shape=(len(self.coords), self.dim),
                 dtype="float16",
-                chunks=_row_chunks(len(self.coords), dim),
+                chunks=_row_chunks(len(self.coords), self.dim),
                 fill_value=0,
             )
-            self.rows_done, self.failed = 0, []
-            self._save_progress()
-        self.resumed_from = self.rows_done
+        self.rows_done, self.failed = 0, []
+        self._save_progress()
 
     @staticmethod
     def scratch_for(final: str | os.PathLike[str]) -> Path:
@@ -190,7 +195,10 @@ class PartialFeatures:
         """Write rows ``start:start+len(rows)``: exactly the next whole chunk (or the tail)."""
         if start != self.rows_done or (len(rows) != self.chunk_rows and start + len(rows) != len(self.coords)):
             raise ValueError(f"{self.path}: chunk at row {start} ({len(rows)} rows) out of order")
-        self.array[start : start + len(rows)] = rows.astype(np.float16)
+        # On a full disk the scratch stays: once space is freed the next run resumes after the
+        # last whole chunk (progress.json never counts a chunk that did not land).
+        with disk_errors_named(self.path):
+            self.array[start : start + len(rows)] = rows.astype(np.float16)
         self.rows_done += len(rows)
         self.failed += failed
         self._save_progress()

@@ -69,6 +69,7 @@ def run_epochs(trainer: Trainer, data: FoldData, label: str) -> RunResult:
     bar = tqdm(range(1, epochs + 1), desc=label, disable=None)
     for epoch in bar:
         lr = float(trainer.scheduler.get_last_lr()[0])
+        trainer.begin_epoch(epoch)
         stats = train_one_epoch(trainer, data.bags["train"], desc=f"epoch {epoch}")
         maps = MapStore(None if scratch is None else Path(scratch.name) / f"epoch{epoch}")
         val = evaluate(trainer.model, data.bags["val"], n_classes, trainer.autocast, maps)

@@ -1,5 +1,10 @@
 """A trained fold's artefacts: checkpoints, history, instability, predictions, attention summaries,
-metrics.json and the training curves, each written atomically."""
+metrics.json and the training curves, each written atomically.
+
+The selected epoch's checkpoint (``model.pt``) is what heatmaps and prediction use; the last
+epoch's (``last.pt``) only when ``keep_last`` asks for it, since metrics.json already holds its
+test metrics (``test_last``). Both are stored in float16 where the fold's bags show that exact
+enough (:mod:`wsi_asmil.mil.checkpoint_precision`)."""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from typing import Any
 import pandas as pd
 
 from wsi_asmil.core.io import atomic_path, write_csv, write_json
+from wsi_asmil.mil.checkpoint_precision import checkpoint_state
 from wsi_asmil.mil.epochs import RunResult
 from wsi_asmil.mil.evaluate import EvalResult
 from wsi_asmil.mil.fold_data import FoldData
@@ -19,6 +25,7 @@ from wsi_asmil.mil.metrics import (
     last_mean,
 )
 from wsi_asmil.mil.models import (
+    build_model,
     save_checkpoint,
 )
 from wsi_asmil.mil.params import split_model_params
@@ -115,8 +122,13 @@ def write_outputs(
         "in_dim": data.in_dim,
         "params": params,
     }
-    save_checkpoint(out / "model.pt", run.best.state, epoch=run.best.epoch, **meta)
-    save_checkpoint(out / "last.pt", run.last.state, epoch=run.last.epoch, **meta)
+    model = build_model(model_name, data.in_dim, len(data.classes), **meta["model_kwargs"])
+    check_bags = data.bags["val"] if len(data.bags["val"]) else data.bags["test"]
+    best_state, precision = checkpoint_state(model, run.best.state, check_bags)
+    save_checkpoint(out / "model.pt", best_state, epoch=run.best.epoch, **meta)
+    if params.get("keep_last"):
+        last_state, _ = checkpoint_state(model, run.last.state, check_bags)
+        save_checkpoint(out / "last.pt", last_state, epoch=run.last.epoch, **meta)
     history = run.history
     write_csv(out / "history.csv", history)
     n_slides = len(data.bags["val"]) + len(data.bags["test"])
@@ -140,6 +152,8 @@ def write_outputs(
         **instability_summary(history, float(params["lr"])),
         "attention": {**test_attention, "practically_uniform": uniform},
         "anchor": dict(anchor or {}),
+        "checkpoint": {**precision, "parameters": sum(v.numel() for v in best_state.values()),
+                       "bytes": (out / "model.pt").stat().st_size},
         "skipped_empty_slides": data.skipped,
         # how the features were held, not the bytes "auto" found free: those vary run to run (the log has them)
         "features_source": {k: v for k, v in (data.source or {}).items() if k in ("mode", "budget", "feature_bytes")},

@@ -240,13 +240,18 @@ def write_manifest(manifest: dict[str, Any], out_dir: str | os.PathLike[str]) ->
     return target
 
 
-def write_run_manifest(workflow: Any, config: dict[str, Any], out_dir: str, run_id: str | None) -> Path | None:
-    """The workflow's onstart hook: the manifest of this run (main process only)."""
+def write_run_manifest(
+    workflow: Any, config: dict[str, Any], out_dir: str, run_id: str | None, disk: dict[str, Any] | None = None
+) -> Path | None:
+    """The workflow's onstart hook: the manifest of this run (main process only), with the disk
+    plan it started from (:mod:`wsi_asmil.pipeline.disk_plan`) when there is one."""
     if not run_id:
         return None
     plugin = getattr(workflow, "executor_plugin", None)
     executor = getattr(plugin, "name", None)
     manifest = build_manifest(config, run_id, out_dir, workdir=os.getcwd(), executor=executor)
+    if disk is not None:
+        manifest["disk_plan"] = disk
     path = write_manifest(manifest, out_dir)
     print(f"wsi-asmil: run {run_id}, manifest {path}", file=sys.stderr)
     return path

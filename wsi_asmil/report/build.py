@@ -29,6 +29,7 @@ import pandas as pd
 
 from wsi_asmil import __version__
 from wsi_asmil.core.args import setup_logging
+from wsi_asmil.core.disk import human_bytes
 from wsi_asmil.core.io import write_csv, write_json, write_text
 from wsi_asmil.core.run_layout import fold_checkpoint, link_from_report
 from wsi_asmil.maps.froc import FP_RATES
@@ -90,12 +91,23 @@ def gather(models_dir: str | Path, models: list[str], n_folds: int) -> tuple[dic
             )["jsd"],
             "attention": summarize([f.get("attention") or {} for f in folds]),
             "uniform_folds": sum(bool((f.get("attention") or {}).get("practically_uniform")) for f in folds),
+            "checkpoint": checkpoint_summary(folds),
         }
     predictions = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     if len(predictions):
         first = ["model", "fold", "slide_id", "label", "pred"]
         predictions = predictions[first + [c for c in predictions.columns if c not in first]]
     return report, predictions
+
+
+def checkpoint_summary(folds: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One model's checkpoint: parameters, bytes on disk per fold (mean) and in all, stored dtypes."""
+    records = [f["checkpoint"] for f in folds if f.get("checkpoint")]
+    if not records:
+        return {}
+    sizes = [int(r["bytes"]) for r in records]
+    return {"parameters": int(records[0]["parameters"]), "bytes_per_fold": sum(sizes) / len(sizes),
+            "bytes_total": sum(sizes), "dtypes": sorted({r["dtype"] for r in records})}
 
 
 def histories(models_dir: str | Path, models: Sequence[str], n_folds: int) -> dict[str, list[pd.DataFrame]]:
@@ -339,13 +351,18 @@ def write_report(
 def classification_html(report: dict[str, Any], n_folds: int) -> str:
     rows = []
     for model, r in report.items():
+        ckpt = r.get("checkpoint") or {}
+        size = (f"{human_bytes(ckpt['bytes_per_fold'])} ({ckpt['parameters'] / 1e6:.2f} M params, "
+                f"{'/'.join(ckpt['dtypes'])})") if ckpt else "n/a"
         rows.append([H.esc(model), *(H.mean_std(r["test"].get(k)) for k in TABLE_METRICS),
                      *(H.mean_std(r["test_last"].get(k)) for k in ("f1_macro", "auc")),
-                     H.mean_std(r["instability_last10"], 4)])
-    head = ["model", *TABLE_METRICS.values(), "macro F1 (last epoch)", "AUC (last epoch)", "JSD last 10 epochs"]
+                     H.mean_std(r["instability_last10"], 4), H.esc(size)])
+    head = ["model", *TABLE_METRICS.values(), "macro F1 (last epoch)", "AUC (last epoch)", "JSD last 10 epochs",
+            "checkpoint per fold"]
     return H.table(head, rows) + (
         f"<p class='note'>Test metrics at the epoch selected by validation F1 + AUC (and at the last epoch), "
-        f"mean ± std over {n_folds} fold(s).</p>")
+        f"mean ± std over {n_folds} fold(s). Checkpoints hold the selected epoch's weights, in float16 where "
+        f"that moves no slide probability by more than 0.001 (see docs/outputs.md).</p>")
 
 
 def attention_verdict(model: str, r: Mapping[str, Any], n_folds: int) -> str:

@@ -75,6 +75,7 @@ class ASMIL(MILModel, SoftmaxPooling):
         n_heads: int = 8,
         dropout: float = 0.1,
         readout: str = "cls",
+        token_std: float = 1e-6,
     ) -> None:
         super().__init__()
         if readout not in READOUTS:
@@ -87,6 +88,8 @@ class ASMIL(MILModel, SoftmaxPooling):
             raise ValueError(f"token_drop {token_drop} would drop all {n_tokens} tokens")
         if n_tokens < 1 or aggregator_depth < 1:
             raise ValueError("n_tokens and aggregator_depth must be >= 1")
+        if token_std <= 0:
+            raise ValueError(f"token_std must be positive, got {token_std}")
         dim = in_dim // 2 if inner_dim is None else inner_dim
         self.in_dim = in_dim
         self.input_norm = FeatureNorm(in_dim)
@@ -95,6 +98,7 @@ class ASMIL(MILModel, SoftmaxPooling):
         self.token_drop = token_drop
         self.token_drop_mode = token_drop_mode
         self.readout = readout
+        self.token_std = token_std
         self.reduce = nn.Sequential(nn.Linear(in_dim, dim, bias=False), nn.ReLU())
         self.tokens = nn.Parameter(torch.empty(n_tokens, dim))
         projected = readout in ("cls", "mean")
@@ -114,8 +118,12 @@ class ASMIL(MILModel, SoftmaxPooling):
 
     def reset_parameters(self) -> None:
         """Initialise this module's own parameters (submodules reset themselves, as in torch.nn);
-        each token's linear head as an nn.Linear of its own."""
-        nn.init.normal_(self.tokens, std=1e-6)
+        each token's linear head as an nn.Linear of its own.
+
+        The paper's tokens start at std 1e-6: every query is then its projection's bias, and the
+        attention logits are a product of two small factors whose gradients each wait on the other
+        (docs/model.md, the mechanism). ``token_std`` of order 1 starts the queries apart."""
+        nn.init.normal_(self.tokens, std=self.token_std)
         if self.readout == "cls":
             nn.init.zeros_(self.cls_token)
         if hasattr(self, "head_weight"):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import inspect
 import os
-from functools import partial
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -56,6 +56,8 @@ def _anchor_defaults() -> dict[str, Any]:
         "anchor_momentum": anchor["momentum"],
         # The EMA horizon in epochs instead of m: m = 1 - 1 / (horizon x steps per epoch); None keeps m.
         "anchor_horizon_epochs": None,
+        # Epochs trained on the slide CE alone before L_AS joins; the anchor follows all along.
+        "anchor_warmup_epochs": 0,
         "tau": loss["tau"],
         "beta": loss["beta"],
         "as_reduction": loss["reduction"],
