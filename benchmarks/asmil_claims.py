@@ -92,6 +92,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "ASMIL linear readout, tokens std 1, softmax target": (
         "asmil_linear", {"token_std": 1.0, "target": "softmax", "tau": 1.0}),
     "ASMIL tokens std 1, beta 0": ("asmil", {"token_std": 1.0, "beta": 0.0}),
+    "ASMIL linear readout, tokens std 1, NSF at uniform": (
+        "asmil_linear", {"token_std": 1.0, "target": "nsf_uniform"}),
+    "ASMIL tokens std 1, NSF at uniform": ("asmil", {"token_std": 1.0, "target": "nsf_uniform"}),
 }
 
 #: The variants whose per-epoch traces (traces.csv, traces.png) show the mechanism.

@@ -842,3 +842,27 @@ def test_linear_readouts_carry_no_unused_weights_and_drop_tokens() -> None:
     assert int((model.head_weight.grad.abs().sum(dim=(1, 2)) > 0).sum()) == 2
     with pytest.raises(ValueError, match="readout must be one of"):
         build_model("asmil", 32, 2, readout="deep")
+
+
+def test_nsf_at_uniform_is_shift_invariant_and_spreads_over_the_tiles_above_uniform() -> None:
+    """The ``nsf_uniform`` target puts NSF's zero at the uniform weight 1/M: the same for any common
+    offset of the logits; uniform logits give a uniform target; tiles with attention well above 1/M
+    share the mass nearly equally (NSF's saturation, Theorem 1), tiles below it fade as (M a)^2."""
+    from wsi_asmil.mil.models.loss import target_distribution
+
+    z = torch.zeros(1, 1, 1000, dtype=torch.float64)
+    z[..., :5] = torch.tensor([8.0, 9.0, 10.0, 11.0, 12.0], dtype=torch.float64)  # five clear positives
+    z[..., 5:] += torch.randn(995, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 0.3
+    target = target_distribution(z, 0.5, "nsf_uniform")
+    for offset in (-40.0, 25.0):
+        torch.testing.assert_close(target_distribution(z + offset, 0.5, "nsf_uniform"), target)
+    positives = target[0, 0, :5]
+    assert positives.sum() > 0.95 and positives.max() / positives.min() < 1.01  # spread, not peaked
+    assert torch.softmax(z, -1)[0, 0, 4] / torch.softmax(z, -1)[0, 0, 0] > 50  # softmax peaks on one
+    flat = target_distribution(torch.zeros(1, 1, 7), 0.5, "nsf_uniform")
+    torch.testing.assert_close(flat, torch.full((1, 1, 7), 1 / 7))
+    a = torch.softmax(z, -1)[0, 0, 5:]
+    below = a * 1000 < 0.5
+    expected = (1000 * a[below]) ** 2  # sigmoid(2 log(M a)) = (M a)^2 / (1 + (M a)^2) ~ (M a)^2
+    ratio = target[0, 0, 5:][below] / expected
+    assert ratio.max() / ratio.min() < 1.3

@@ -46,6 +46,7 @@ import torch
 import yaml
 from conftest import CONFIG_FEATURES, physical_pattern, write_generic_tiff
 
+from wsi_asmil.core.disk import DiskFullError
 from wsi_asmil.core.io import write_text
 from wsi_asmil.features import store
 from wsi_asmil.features.batch import assign_batches, slides_per_job
@@ -551,7 +552,7 @@ def test_disk_full_while_writing_features_removes_the_temporary_store(corrupt_pa
         write(self, start, rows, failed)
 
     monkeypatch.setattr(store.PartialFeatures, "write_chunk", full_disk)
-    with pytest.raises(OSError, match="no space left on the device while writing .*intact.zarr.*Free space") as err:
+    with pytest.raises(DiskFullError, match=r"no space left on .* writing .*intact.zarr \(.* free\); slide 'intact'.*Free space") as err:
         extract_slide(corrupt_pair["intact"], corrupt_pair["tiles"], out, enc, "cpu", "fp32", 4, 0)
     assert err.value.errno == errno.ENOSPC
     assert [p.name for p in out.parent.iterdir()] == ["intact.zarr"]  # no temporary or scratch store
@@ -623,7 +624,7 @@ def test_disk_full_on_a_real_tiny_filesystem(corrupt_pair: dict[str, Path], tmp_
     line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT")]
     assert line, proc.stdout + proc.stderr
     result = json.loads(line[0][len("RESULT"):])
-    assert result["raised"] == errno.ENOSPC and "no space left on the device" in result["message"]
+    assert result["raised"] == errno.ENOSPC and result["message"].startswith(f"no space left on {mnt} writing {mnt}/f.zarr (")
     assert result["listing"] == ["f.zarr"] and result["intact"]
 
 

@@ -35,13 +35,14 @@ LOW_FREE_BYTES = 64 * 2**20
 class DiskFullError(OSError):
     """No space left for a write; ``errno`` is ENOSPC, ``filename`` the path being written."""
 
-    def __init__(self, path: str | os.PathLike[str], free: int | None = None) -> None:
+    def __init__(self, path: str | os.PathLike[str], free: int | None = None, note: str = "") -> None:
         self.path = Path(path)
         self.free = free_bytes(self.path) if free is None else free
-        super().__init__(errno.ENOSPC, describe(self.path, self.free), str(self.path))
+        self.note = note
+        super().__init__(errno.ENOSPC, str(self), str(self.path))
 
     def __str__(self) -> str:
-        return describe(self.path, self.free)
+        return describe(self.path, self.free) + (f"; {self.note}" if self.note else "")
 
 
 def human_bytes(n: float) -> str:

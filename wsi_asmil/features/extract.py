@@ -23,7 +23,6 @@ the store's attrs record ``n_failed_tiles`` and ``failed_coords``. So the featur
 from __future__ import annotations
 
 import argparse
-import errno
 import hashlib
 import json
 import logging
@@ -44,6 +43,7 @@ from tqdm import tqdm
 
 from wsi_asmil.core.args import add_feature_args, add_slide_args, setup_logging
 from wsi_asmil.core.devices import resolve_device, usable_cores
+from wsi_asmil.core.disk import DiskFullError, is_disk_full
 from wsi_asmil.core.memory import is_out_of_memory
 from wsi_asmil.features import store
 from wsi_asmil.features.encoders import Encoder, build_encoder
@@ -256,13 +256,13 @@ def extract_slide(
             )
         partial.finish()
     except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        if is_disk_full(exc, out_store):
+            # the scratch goes, to give its space back to the jobs still running
             shutil.rmtree(store.PartialFeatures.scratch_for(out_store), ignore_errors=True)
-            raise OSError(
-                exc.errno,
-                f"slide '{sid}': no space left on the device while writing {out_store} ({exc}); the "
-                "partial store was removed. Free space under out_dir (or point out_dir at a larger "
-                "disk) and rerun: finished slides are kept",
+            raise DiskFullError(
+                out_store,
+                note=f"slide '{sid}': its partial store was removed. Free space under out_dir (or point "
+                "out_dir at a larger disk) and rerun: finished slides are kept",
             ) from exc
         raise
     seconds = time.perf_counter() - started

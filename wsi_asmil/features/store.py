@@ -195,8 +195,8 @@ class PartialFeatures:
         """Write rows ``start:start+len(rows)``: exactly the next whole chunk (or the tail)."""
         if start != self.rows_done or (len(rows) != self.chunk_rows and start + len(rows) != len(self.coords)):
             raise ValueError(f"{self.path}: chunk at row {start} ({len(rows)} rows) out of order")
-        # On a full disk the scratch stays: once space is freed the next run resumes after the
-        # last whole chunk (progress.json never counts a chunk that did not land).
+        # On a full disk this names the scratch and leaves it as it is (progress.json never counts a
+        # chunk that did not land); the features stage then removes it to give the space back.
         with disk_errors_named(self.path):
             self.array[start : start + len(rows)] = rows.astype(np.float16)
         self.rows_done += len(rows)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -9,7 +11,7 @@ from torch import nn
 from wsi_asmil.mil.models.nsf import nsf
 
 AS_REDUCTIONS = ("distribution_mean", "element_mean")
-TARGETS = ("nsf", "softmax")
+TARGETS = ("nsf", "softmax", "nsf_uniform")
 
 
 def target_distribution(anchor_logits: torch.Tensor, tau: float, target_fn: str) -> torch.Tensor:
@@ -22,6 +24,12 @@ def target_distribution(anchor_logits: torch.Tensor, tau: float, target_fn: str)
     anchor = anchor_logits.detach().float()
     if target_fn == "nsf":
         return nsf(anchor, tau)
+    if target_fn == "nsf_uniform":
+        # NSF with its zero at the uniform weight: log(M a_i) is 0 where tile i has 1/M of the
+        # attention, so tiles above uniform saturate together and tiles below fade, whatever
+        # level the logits drift to (softmax leaves that level free; NSF of raw logits depends on it)
+        centred = torch.log_softmax(anchor, dim=-1) + math.log(anchor.shape[-1])
+        return nsf(centred, tau)
     if target_fn == "softmax":
         return torch.softmax(anchor / tau, dim=-1)
     raise ValueError(f"target must be one of {TARGETS}, got {target_fn!r}")
