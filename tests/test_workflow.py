@@ -120,6 +120,22 @@ def test_nested_command_line_values_are_typed_by_the_schema(tmp_path: Path) -> N
     assert bad.returncode != 0 and "tile_size" in bad.stdout + bad.stderr
 
 
+def test_the_disk_plan_foresaw_what_the_run_wrote(finished_run: tuple[Path, dict]) -> None:
+    """The manifest's disk plan, made before the first job, against the bytes the run left on disk:
+    within 20 % in all, and every stage within a factor of two (small stages are mostly 4 KiB blocks)."""
+    from wsi_asmil.pipeline.disk_plan import du
+
+    _, config = finished_run
+    out = Path(config["out_dir"])
+    plan = json.loads((out / "manifest.json").read_text())["disk_plan"]
+    assert plan["verdict"] == "ok" and plan["to_write_bytes"] == plan["estimated_bytes"]  # a fresh run
+    real = {s["name"]: sum(du(out / f) for f in s["folders"]) for s in plan["stages"]}
+    estimated = {s["name"]: s["estimate"] for s in plan["stages"]}
+    assert sum(estimated.values()) == pytest.approx(sum(real.values()), rel=0.2), (estimated, real)
+    for name, size in real.items():
+        assert size / 2 <= estimated[name] <= size * 2, (name, estimated[name], size)
+
+
 def test_whole_workflow_outputs(finished_run: tuple[Path, dict]) -> None:
     tmp, config = finished_run
     out = Path(config["out_dir"])

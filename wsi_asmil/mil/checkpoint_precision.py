@@ -7,8 +7,9 @@ bags, not assumed: the model is run with its float32 weights and with the float1
 up to :data:`CHECK_BAGS` validation and test bags, and float16 is kept only if
 
 * every slide probability moves by at most :data:`MAX_PROB_DIFF` (0.001), and
-* every tile's attention score moves by at most :data:`MAX_ATTENTION_DIFF` (1 %) of the uniform
-  weight 1 / M, which is far below any colour step of a heatmap.
+* every tile's attention score moves by at most :data:`MAX_ATTENTION_DIFF` (1 %) of the larger of
+  its own weight and the uniform weight 1 / M: heatmaps colour the weight relative to uniform on a
+  log scale, where 1 % is far below a colour step.
 
 Otherwise the checkpoint stays float32. Only floating tensors of at least :data:`MIN_NUMEL`
 elements are rounded: the standardisation statistics, biases and tokens stay float32, as they cost
@@ -49,8 +50,9 @@ def _scores(model: MILModel, bags: Sequence[torch.Tensor]) -> list[tuple[torch.T
 def float16_differences(
     model: MILModel, state: Mapping[str, torch.Tensor], bags: Sequence[Bag] | BagSource
 ) -> dict[str, float]:
-    """Largest change of a slide probability, and of a tile's attention x M, when ``state``'s
-    weights are rounded to float16; measured on the first :data:`CHECK_BAGS` of ``bags``."""
+    """Largest change of a slide probability, and of a tile's attention relative to the larger of its
+    weight and 1 / M, when ``state``'s weights are rounded to float16; on the first
+    :data:`CHECK_BAGS` of ``bags``."""
     xs = [b.features.float() for b in ordered(bags, range(min(CHECK_BAGS, len(bags))))]
     original = {k: v.detach().clone() for k, v in model.state_dict().items()}
     try:
@@ -62,10 +64,11 @@ def float16_differences(
         model.load_state_dict(original)
     prob = max((float((a[0] - b[0]).abs().max()) for a, b in zip(exact, half)), default=0.0)
     attention = max(
-        (float((a[1] - b[1]).abs().max()) * a[1].numel() for a, b in zip(exact, half) if a[1].numel()),
+        (float(((a[1] - b[1]).abs() / a[1].clamp_min(1.0 / a[1].numel())).max()) for a, b in zip(exact, half)
+         if a[1].numel()),
         default=0.0,
     )
-    return {"max_prob_diff": prob, "max_attention_diff_x_m": attention}
+    return {"max_prob_diff": prob, "max_attention_rel_diff": attention}
 
 
 def checkpoint_state(
@@ -73,6 +76,7 @@ def checkpoint_state(
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The state to save, and the check's record (dtype and measured differences) for metrics.json."""
     diff = float16_differences(model, state, bags) if len(bags) else None
-    ok = diff is not None and diff["max_prob_diff"] <= MAX_PROB_DIFF and diff["max_attention_diff_x_m"] <= MAX_ATTENTION_DIFF
+    ok = (diff is not None and diff["max_prob_diff"] <= MAX_PROB_DIFF
+          and diff["max_attention_rel_diff"] <= MAX_ATTENTION_DIFF)
     record = {"dtype": "float16" if ok else "float32", "checked_bags": min(CHECK_BAGS, len(bags)), **(diff or {})}
     return (rounded(state) if ok else dict(state)), record

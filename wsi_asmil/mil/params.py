@@ -61,7 +61,16 @@ def resolve_params(params: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 def split_model_params(model_params: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Architecture kwargs (saved in the checkpoint) and anchor/loss settings (training only)."""
-    arch = {k: v for k, v in model_params.items() if k not in ANCHOR_KEYS}
+    """Architecture kwargs (saved in the checkpoint) and anchor/loss settings (training only); a
+    model's own ``lr`` is neither (:func:`for_model` applies it)."""
+    arch = {k: v for k, v in model_params.items() if k not in ANCHOR_KEYS and k != "lr"}
     anchor = {k: v for k, v in model_params.items() if k in ANCHOR_KEYS}
     return arch, anchor
+
+
+def for_model(resolved: Mapping[str, Any], model_name: str) -> dict[str, Any]:
+    """The training parameters of one model: its section's ``lr``, where it has one that is set,
+    replaces ``lr`` (everything downstream, the optimizer, the schedule and the instability's
+    high-rate epochs, then reads the rate the model trained at)."""
+    own = resolved["models"].get(model_name, {}).get("lr")
+    return {**resolved, "lr": float(own)} if own is not None else dict(resolved)

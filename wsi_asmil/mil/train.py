@@ -31,7 +31,7 @@ from wsi_asmil.mil.models import (
     model_spec,
 )
 from wsi_asmil.mil.outputs import write_outputs
-from wsi_asmil.mil.params import resolve_params
+from wsi_asmil.mil.params import for_model, resolve_params
 from wsi_asmil.mil.trainer import build_trainer, horizon_epochs
 
 logger = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ def train_fold(
     carry their own truth need none. Returns the content of metrics.json (NaN where it has null).
     """
     model_spec(model_name)
-    resolved = resolve_params(params)
+    resolved = for_model(resolve_params(params), model_name)
     dev = resolve_device(device)
     data = load_fold(features_dir, split, fold, dev, tile_truth=tile_truth, memory_budget=resolved["memory_budget"])
     logger.info(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -27,12 +27,22 @@ class ModelSpec:
 
     builder: Callable[..., MILModel]
     anchored: bool
+    #: Anchor and L_AS defaults of this model that differ from the paper's (ANCHOR_DEFAULTS).
+    anchor_overrides: Mapping[str, Any] = field(default_factory=dict)
+    #: The model's own learning rate, where it differs from train.lr (a key ``lr`` of its section).
+    lr: float | None = None
 
 
 MODELS: dict[str, ModelSpec] = {
     "asmil": ModelSpec(ASMIL, anchored=True),
     # ASMIL whose tokens read their attention-pooled tiles with linear heads (docs/model.md: why).
     "asmil_linear": ModelSpec(partial(ASMIL, readout="linear"), anchored=True),
+    # ASMIL repaired (docs/model.md, the mechanism): the linear readout, tokens that start apart,
+    # and the anchor's L_AS at a tenth of the paper's weight; FEAT tokens with their own attention,
+    # token dropout, the EMA anchor and its NSF target as the paper's.
+    # Its own lr: at the paper's 1e-4 the token attention's logits grow too slowly to leave uniform.
+    "asmil_repaired": ModelSpec(partial(ASMIL, readout="linear", token_std=1.0), anchored=True,
+                                anchor_overrides={"beta": 0.1}, lr=1e-3),
     "acmil": ModelSpec(ACMIL, anchored=False),
     "abmil": ModelSpec(ABMIL, anchored=False),
     # The "Anchor + NSF" plug-in (spec section 8): same network as ABMIL, trained with the anchor.
@@ -73,7 +83,8 @@ def model_defaults(name: str) -> dict[str, Any]:
     """Every hyper-parameter of model ``name`` with its default, read from its constructor (and the
     anchor's and loss's, for anchored models), as timm keeps a model's config beside its class."""
     spec = model_spec(name)
-    return {**keyword_defaults(spec.builder), **(ANCHOR_DEFAULTS if spec.anchored else {})}
+    anchor = {**ANCHOR_DEFAULTS, **spec.anchor_overrides} if spec.anchored else {}
+    return {**keyword_defaults(spec.builder), **anchor, **({"lr": spec.lr} if spec.lr is not None else {})}
 
 
 def model_spec(name: str) -> ModelSpec:
