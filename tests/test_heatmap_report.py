@@ -286,7 +286,9 @@ def fake_fold(models: Path, model: str, k: int, acc: float, auc: float) -> None:
     d = models / model / f"fold{k}"
     d.mkdir(parents=True)
     test = {"acc": acc, "f1_macro": acc, "f1_micro": acc, "auc": auc}
-    (d / "metrics.json").write_text(json.dumps({"selected_epoch": 3, "test": test, "test_last": test, "instability_last10": 0.1 * (k + 1)}))
+    checkpoint = {"dtype": "float16" if k == 0 else "float32", "parameters": 1_500_000, "bytes": 3 * 2**20 * (k + 1)}
+    (d / "metrics.json").write_text(json.dumps({"selected_epoch": 3, "test": test, "test_last": test,
+                                                "instability_last10": 0.1 * (k + 1), "checkpoint": checkpoint}))
     pd.DataFrame({"slide_id": [f"s{k}"], "label": ["tumour"], "pred": ["tumour"], "prob_normal": [0.2], "prob_tumour": [0.8]}).to_csv(d / "predictions.csv", index=False)
     pd.DataFrame({"epoch": [1, 2, 3], "val_auc": [0.5, 0.7, 0.9], "jsd": [np.nan, 1e-3, 1e-4]}).to_csv(d / "history.csv", index=False)
 
@@ -303,6 +305,9 @@ def test_report_mean_and_std_over_folds(tmp_path: Path) -> None:
     assert preds.columns[:5].tolist() == ["model", "fold", "slide_id", "label", "pred"] and len(preds) == 2
     table = (tmp_path / "report" / "metrics.md").read_text()
     assert "| asmil | 0.750 ± 0.354 |" in table
+    assert report["asmil"]["checkpoint"] == {"parameters": 1_500_000, "bytes_per_fold": 4.5 * 2**20,
+                                             "bytes_total": 9 * 2**20, "dtypes": ["float16", "float32"]}
+    assert "4.5 MB (1.50 M params, float16/float32)" in (tmp_path / "report" / "index.html").read_text()
     html = (tmp_path / "report" / "index.html").read_text()
     assert "0.750 ± 0.354" in html and "data:image/png;base64," in html  # the instability curves
     assert "No ground truth" in html
