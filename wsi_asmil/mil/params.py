@@ -24,8 +24,8 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "seed": 0,  # seeds python, numpy and torch, the data order and the tile subsets
     "max_tiles": None,  # training-only cap on tiles per bag (random subset each step); null = all
     "amp": False,  # bf16 autocast on CUDA (ignored on CPU); weights stay fp32
-    "standardize": True,
-    "keep_last": False,  # also write the last epoch's checkpoint (last.pt); its metrics are always kept  # per-dimension feature standardisation from the fold's training tiles
+    "standardize": True,  # per-dimension feature standardisation from the fold's training tiles
+    "keep_last": False,  # also keep the last epoch's checkpoint (last.pt); its metrics are always kept
     # Speed only, never results: bytes ("8GiB", "500MB", a number) the fold's features may take in
     # memory, else they stream from disk; "auto" = half the available host (or GPU) memory.
     "memory_budget": "auto",

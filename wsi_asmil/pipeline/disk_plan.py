@@ -244,7 +244,10 @@ def _known_size(slide_id: str, layout: RunLayout, grids: Mapping[str, TileParams
     return None
 
 
-def slide_header(path: str | os.PathLike[str], mpp_override: float | None, mpp_fallback: float | None) -> tuple[int, int, float] | None:
+def slide_header(
+    path: str | os.PathLike[str], mpp_override: float | None, mpp_fallback: float | None
+) -> tuple[int, int, float] | None:
+    """(width, height, mpp) of a slide from its header, or None where it cannot be opened."""
     from wsi_asmil.slides.slide import Slide
 
     try:
@@ -365,9 +368,11 @@ def plan_run(
             notes.append(f"no {encoder} feature store yet: features counted uncompressed (an upper bound)")
 
     stages = [
-        Stage("segment", ("segment",), sum(SEGMENT_FIXED + blocks(SEGMENT_PER_PX * s.pixels_at(seg_mpp)) for s in sizes)),
-        Stage("tiles", ("tiles",), sum(tiles_store_bytes(s.tiles[tag]) + blocks(GRID_PNG_PER_PX * s.pixels_at(seg_mpp))
-                                    for s in sizes for tag in grids)),
+        Stage("segment", ("segment",),
+              sum(SEGMENT_FIXED + blocks(SEGMENT_PER_PX * s.pixels_at(seg_mpp)) for s in sizes)),
+        Stage("tiles", ("tiles",),
+              sum(tiles_store_bytes(s.tiles[tag]) + blocks(GRID_PNG_PER_PX * s.pixels_at(seg_mpp))
+                  for s in sizes for tag in grids)),
         Stage("features", ("features",), sum(store_bytes(s.tiles[tag], dim, compression)
                                           for tag in grids for s in (sizes if tag == train_grid else heat))),
     ]
@@ -388,9 +393,11 @@ def plan_run(
     viewer_cfg = config.get("viewer") or {}
     if viewer_cfg.get("enabled") and heatmap_models:
         sample = sorted(heat, key=lambda s: s.slide_id)[: int(hm["report_sample"])]
+        pyramid = 4 / 3  # a Deep Zoom pyramid's levels add a third to its full-resolution level
+        slide_mpp, overlay_mpp = float(viewer_cfg["slide_mpp"]), float(viewer_cfg["overlay_mpp"])
         report += 600 * 1024 + sum(
-            blocks(VIEWER_SLIDE_PER_PX * s.pixels_at(float(viewer_cfg["slide_mpp"])) * 4 / 3)
-            + len(heatmap_models) * blocks(VIEWER_OVERLAY_PER_PX * s.pixels_at(float(viewer_cfg["overlay_mpp"])) * 4 / 3)
+            blocks(VIEWER_SLIDE_PER_PX * s.pixels_at(slide_mpp) * pyramid)
+            + len(heatmap_models) * blocks(VIEWER_OVERLAY_PER_PX * s.pixels_at(overlay_mpp) * pyramid)
             for s in sample)
     stages.append(Stage("report", ("report", "localisation"), report))
     if slides is None:
