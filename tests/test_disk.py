@@ -230,3 +230,60 @@ def test_a_run_that_will_not_fit_stops_before_its_first_job(full_disk: Path) -> 
     assert forced.returncode != 0
     logs = "".join(p.read_text() for p in (out / "logs").rglob("*.log"))
     assert f"DiskFullError: no space left on {full_disk} writing {out}/demo/" in logs
+
+
+def _plan_config() -> dict:
+    import yaml
+
+    return yaml.safe_load((ROOT / "config.yaml").read_text())
+
+
+def test_the_plan_counts_a_real_cohort_from_thumbnails_then_from_what_the_run_wrote(demo_slides, real_slide,
+                                                                                   tmp_path: Path) -> None:
+    """Before segmentation, tiles come from segmented thumbnails; once a slide is tiled, from its
+    store, exactly; a slide that cannot be opened costs the plan nothing but a note."""
+    from wsi_asmil.core.run_layout import RunLayout
+    from wsi_asmil.features.tile import TileParams, tile_slide
+    from wsi_asmil.pipeline.disk_plan import plan_run, sampled_sizes
+    from wsi_asmil.tissue.segment import SegmentParams, segment_slide
+
+    config = _plan_config()
+    slides = {**{k: str(v) for k, v in demo_slides.items()}, "cmu": str(real_slide)}
+    grids = {TileParams().tag(): TileParams(), TileParams(overlap=0.5).tag(): TileParams(overlap=0.5)}
+    layout = RunLayout(str(tmp_path / "out"), TileParams().tag(), "efficientnet_lite0")
+    before, notes = sampled_sizes(slides, layout, grids, config["segment"], {}, None)
+    assert {s.source for s in before} == {"sampled"} and "not segmented yet" in notes[0]
+
+    sid = sorted(demo_slides)[0]
+    segment_slide(demo_slides[sid], layout.segment(sid), SegmentParams(**config["segment"]))
+    masked = {s.slide_id: s for s in sampled_sizes(slides, layout, grids, config["segment"], {}, None)[0]}
+    assert masked[sid].source == "mask"
+    for tag, params in grids.items():
+        tiled = RunLayout(layout.root, tag, layout.encoder)
+        info = tile_slide(demo_slides[sid], layout.segment(sid), tiled.tiles(sid), tmp_path / f"{tag}.png", params)
+        assert masked[sid].tiles[tag] == info["n_tiles"]  # the mask gives the tiling's own count
+    after = {s.slide_id: s for s in sampled_sizes(slides, layout, grids, config["segment"], {}, None)[0]}
+    assert after[sid].source == "tiles" and after[sid].tiles == masked[sid].tiles
+
+    plan = plan_run(config, layout, slides, sorted(slides), grids, ["asmil"], 4)
+    features = next(s for s in plan.stages if s.name == "features")
+    assert features.estimate > 0 and plan.verdict() == "ok"
+    assert "uncompressed" not in " ".join(plan.notes)  # efficientnet_lite0's ratio is known
+
+
+def test_a_short_or_tight_disk_is_refused_or_warned_with_the_keys_that_shrink_it() -> None:
+    from wsi_asmil.pipeline.disk_plan import DiskPlan, DiskShortError, Stage, check
+
+    stages = [Stage("features", ("features",), 900 * MiB), Stage("models", ("models",), 100 * MiB, written=40 * MiB)]
+    short = DiskPlan(stages, "/data/run", free=500 * MiB, filesystem="/data")
+    assert short.needed == 960 * MiB and short.verdict() == "short"
+    with pytest.raises(DiskShortError, match=r"needs about 960.0 MB more on /data \(for /data/run\) and 500.0 MB "
+                                             r"is free.*features: features.encoder.*models: train.models.*disk_check=false"):
+        check(short)
+    assert check(short, enabled=False) is None
+    tight = DiskPlan(stages, "/data/run", free=1000 * MiB, filesystem="/data")
+    assert tight.verdict() == "tight" and "only 40.0 MB free on /data" in check(tight)
+    roomy = DiskPlan(stages, "/data/run", free=100 * 1024 * MiB, filesystem="/data", scratch_need=5 * MiB,
+                     scratch_free=MiB, scratch_dir="/tmp")
+    with pytest.raises(DiskShortError, match="training needs about 5.0 MB of scratch in /tmp"):
+        check(roomy)
