@@ -22,6 +22,7 @@ CLASSES = ["a", "b", "c"]
 ARCH = {  # small, with several heads, tokens, branches and aggregator layers
     "asmil": {"n_tokens": 4, "n_heads": 4, "aggregator_depth": 2, "inner_dim": 16},
     "asmil_linear": {"n_tokens": 4, "n_heads": 4, "inner_dim": 16},
+    "asmil_repaired": {"n_tokens": 4, "n_heads": 4, "inner_dim": 16},
     "acmil": {"n_branches": 3, "hidden": 8, "inner_dim": 12},
     "abmil": {"hidden": 8},
     "abmil_anchor": {"hidden": 8},
@@ -63,7 +64,7 @@ NAMES = sorted(name for name in MODELS if splits_at_softmax(random_model(name, s
 
 
 def test_the_attention_pooling_models_have_a_chunked_path() -> None:
-    assert set(NAMES) >= {"asmil", "asmil_linear", "acmil", "abmil", "abmil_anchor"}
+    assert set(NAMES) >= {"asmil", "asmil_linear", "asmil_repaired", "acmil", "abmil", "abmil_anchor"}
 
 
 @pytest.mark.parametrize("readout", ["mean", "linear_norm"])
