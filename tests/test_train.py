@@ -224,7 +224,8 @@ def test_resolve_params_overlays_defaults_without_mutating_them() -> None:
 
 
 def test_default_params_agree_with_model_constructors() -> None:
-    anchor_keys = {"anchor_mode", "anchor_momentum", "anchor_horizon_epochs", "tau", "beta", "as_reduction", "target"}
+    anchor_keys = {"anchor_mode", "anchor_momentum", "anchor_horizon_epochs", "anchor_warmup_epochs", "tau", "beta",
+                   "as_reduction", "target"}
     assert set(DEFAULT_PARAMS["models"]) == set(MODELS)
     for name, spec in MODELS.items():
         defaults = {
@@ -232,8 +233,9 @@ def test_default_params_agree_with_model_constructors() -> None:
             for k, p in inspect.signature(spec.builder).parameters.items()
             if k not in ("in_dim", "n_classes")
         }
-        arch = {k: v for k, v in DEFAULT_PARAMS["models"][name].items() if k not in anchor_keys}
+        arch = {k: v for k, v in DEFAULT_PARAMS["models"][name].items() if k not in anchor_keys and k != "lr"}
         assert arch == defaults, name
+        assert DEFAULT_PARAMS["models"][name].get("lr") == spec.lr, name  # a model's own rate, where it has one
         assert (anchor_keys <= set(DEFAULT_PARAMS["models"][name])) == spec.anchored
 
 

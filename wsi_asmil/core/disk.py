@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -117,9 +118,20 @@ def disk_errors_named(path: str | os.PathLike[str], cleanup: Path | None = None)
         raise
 
 
-def remove(path: Path) -> None:
-    """Delete a file or folder if it is there (a temporary on the error path: never raises)."""
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
+def remove(path: Path, attempts: int = 20) -> None:
+    """Delete a file or folder if it is there (a temporary on the error path: never raises).
+
+    Zarr writes a store's chunks concurrently from its own event loop, and when one write fails the
+    others may still land for a moment after the error reaches us; the folder is removed again
+    until it stays gone (up to ``attempts`` tries, 50 ms apart)."""
+    for _ in range(attempts):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        if not path.exists() and not path.is_symlink():
+            time.sleep(0.05)
+            if not path.exists():
+                return
+        else:
+            time.sleep(0.05)

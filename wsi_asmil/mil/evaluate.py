@@ -153,6 +153,8 @@ def gradient_split(trainer: Trainer, bags: Sequence[Bag] | BagSource) -> dict[st
     """
     if trainer.anchor is None:
         return {"grad_ratio": math.nan, "target_effective_fraction": math.nan}
+    if not trainer.stabilising:  # the anchor's warm-up: L_AS is not in the loss yet
+        return {"grad_ratio": 0.0, "target_effective_fraction": math.nan}
     model, loss_fn = trainer.model, trainer.loss_fn
     params = [p for p in model.parameters() if p.requires_grad]
     ratios, fractions = [], []

@@ -108,15 +108,15 @@ class Trainer:
     rng: np.random.Generator
     params: dict[str, Any]
     autocast: AutocastFactory
-    #: L_AS's weight once warm, and the epochs trained on the slide CE alone before it joins.
-    beta: float = 0.0
+    #: Epochs trained on the slide CE alone before L_AS joins, and whether it has joined.
     warmup_epochs: int = 0
+    stabilising: bool = True
 
     def begin_epoch(self, epoch: int) -> None:
         """Switch L_AS on from epoch ``warmup_epochs + 1`` (epochs count from 1). The anchor follows
         the online model through the warm-up, so when the term joins its target is the attention
         the model has grown, not the uniform attention it started with."""
-        self.loss_fn.beta = self.beta if epoch > self.warmup_epochs else 0.0
+        self.stabilising = self.anchor is not None and epoch > self.warmup_epochs
 
 
 def build_trainer(
@@ -132,9 +132,9 @@ def build_trainer(
             model.input_norm.fit_sums(*feature_sums(train.entries))
         else:
             model.input_norm.fit([b.features for b in train])
-    anchor, loss_fn, beta, warmup = None, MILLoss(), 0.0, 0
+    anchor, loss_fn, warmup = None, MILLoss(), 0
     if model_spec(model_name).anchored and float(anchor_cfg["beta"]) > 0:
-        beta, warmup = float(anchor_cfg["beta"]), int(anchor_cfg.get("anchor_warmup_epochs") or 0)
+        warmup = int(anchor_cfg.get("anchor_warmup_epochs") or 0)
         if warmup < 0:
             raise ValueError(f"anchor_warmup_epochs must be >= 0, got {warmup}")
         momentum = anchor_momentum(anchor_cfg, len(data.bags["train"]))
@@ -153,7 +153,7 @@ def build_trainer(
     scheduler = lr_schedule(optimizer, int(params["epochs"]) * len(data.bags["train"]), params["schedule"])
     return Trainer(
         model, anchor, loss_fn, optimizer, scheduler, np.random.default_rng(int(params["seed"])),
-        params, autocast_factory(device, bool(params["amp"])), beta, warmup,
+        params, autocast_factory(device, bool(params["amp"])), warmup, anchor is not None and warmup == 0,
     )
 
 
@@ -191,8 +191,7 @@ def train_one_epoch(
             x = x.float()  # float16-held features (feature_dtype) upcast on the device; float32: no-op
             with t.autocast():
                 out = t.model(x)
-                stabilising = t.anchor is not None and t.loss_fn.beta > 0
-                anchor_logits = t.anchor.attention_logits(x) if stabilising else None
+                anchor_logits = t.anchor.attention_logits(x) if t.stabilising else None
             losses = t.loss_fn(out["logits"], bag.target, out["attn_logits"], anchor_logits)
             losses["aux"] = t.model.auxiliary_loss(out, bag.target)
             losses["loss"] = losses["loss"] + losses["aux"]

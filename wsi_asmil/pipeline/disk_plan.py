@@ -11,7 +11,8 @@ hours in. The plan counts every large output from the cohort and the config:
   from their pixel counts at the configured resolutions.
 
 Tile counts come, per slide, from the best source there is: the tiles store if tiling has run,
-the tissue mask if segmentation has, the synthetic layout for the demo, and otherwise a sample of
+the tissue mask if segmentation has, the synthetic layout for the demo (handed in by the workflow:
+the pipeline never imports the demo generator), and otherwise a sample of
 slides segmented from their thumbnails (at most :data:`SAMPLE_SLIDES`), whose tissue share stands
 in for the others. Outputs already on disk count against the estimate, so a resumed run asks only
 for what it still has to write. Every per-file constant below was measured on the demo's outputs
@@ -312,19 +313,12 @@ def sampled_sizes(slides: Mapping[str, str], layout: RunLayout, grids: Mapping[s
     return [sizes[s] for s in ids], notes
 
 
-def demo_sizes(n_slides: int, demo_cfg: Mapping[str, Any], grids: Mapping[str, TileParams]) -> list[SlideSize]:
-    """The demo's slides from their synthetic layouts (they do not exist before the demo rule)."""
-    from wsi_asmil.synthetic import demo_slide_ids
-    from wsi_asmil.synthetic.cohort import demo_specs
-    from wsi_asmil.synthetic.layout import Layout
-
-    specs = demo_specs(n_slides, **{k: demo_cfg[k] for k in ("seed", "width", "height", "mpp")})
-    out = []
-    for sid, spec in zip(demo_slide_ids(n_slides), specs):
-        truth = Layout(spec).truth()
-        tiles = grid_tiles(truth.tissue, truth.downsample, spec.width, spec.height, spec.mpp, grids)
-        out.append(SlideSize(sid, spec.width, spec.height, spec.mpp, tiles, "layout"))
-    return out
+def known_sizes(masks: Sequence[tuple[str, int, int, float, np.ndarray, float]],
+                grids: Mapping[str, TileParams], source: str) -> list[SlideSize]:
+    """Sizes of slides whose tissue masks are known before the run: ``(slide_id, width, height,
+    mpp, mask, mask downsample)`` each (the demo's, from its synthetic layouts)."""
+    return [SlideSize(sid, w, h, mpp, grid_tiles(mask, ds, w, h, mpp, grids), source)
+            for sid, w, h, mpp, mask, ds in masks]
 
 
 def plan_run(
@@ -337,14 +331,15 @@ def plan_run(
     n_folds: int,
     n_classes: int = 2,
     mpp: Mapping[str, float | None] | None = None,
+    demo: Sequence[tuple[str, int, int, float, np.ndarray, float]] | None = None,
 ) -> DiskPlan:
-    """The run's disk plan. ``slides`` maps ids to files (None for the demo, whose slides the run
-    makes); ``grids`` the tilings the run cuts (the training grid and, for heatmaps, the dense one),
-    the first being the training grid."""
+    """The run's disk plan. ``slides`` maps ids to files; for the demo, whose slides the run makes,
+    it is None and ``demo`` holds their tissue masks (:func:`wsi_asmil.synthetic.demo_tissue`).
+    ``grids`` are the tilings the run cuts, the training grid first (then, for heatmaps, the dense one)."""
     out = Path(layout.root)
     notes: list[str] = []
     if slides is None:
-        sizes = demo_sizes(int(config["demo"]["n_slides"]), config["demo"], grids)
+        sizes = known_sizes(demo or [], grids, "layout")
     else:
         sizes, notes = sampled_sizes(slides, layout, grids, config["segment"], mpp or {}, config.get("mpp_fallback"))
     train_grid = next(iter(grids))

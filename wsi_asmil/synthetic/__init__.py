@@ -30,7 +30,14 @@ and their files), ``cohort`` (the demo cohort) and ``cli`` (``python -m wsi_asmi
 
 from wsi_asmil.synthetic.aperio import write_slide
 from wsi_asmil.synthetic.cli import main
-from wsi_asmil.synthetic.cohort import DEMO_HEIGHT, DEMO_WIDTH, demo_slide_ids, demo_specs, write_cohort
+from wsi_asmil.synthetic.cohort import (
+    DEMO_HEIGHT,
+    DEMO_WIDTH,
+    demo_slide_ids,
+    demo_specs,
+    demo_tissue,
+    write_cohort,
+)
 from wsi_asmil.synthetic.layout import CANVAS_UM
 from wsi_asmil.synthetic.pyramid import pyramid_downsamples
 from wsi_asmil.synthetic.spec import TILE, SlideSpec, SlideTruth
@@ -45,6 +52,7 @@ __all__ = [
     "SlideTruth",
     "demo_slide_ids",
     "demo_specs",
+    "demo_tissue",
     "main",
     "pyramid_downsamples",
     "read_truth",

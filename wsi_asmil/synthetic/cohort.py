@@ -126,3 +126,17 @@ def write_cohort(
         tmp.write_bytes(_labels_csv(ids, specs))
     log.info("wrote %d synthetic slides to %s", n_slides, out)
     return out
+
+
+def demo_tissue(
+    n_slides: int, seed: int = 0, width: int = DEMO_WIDTH, height: int = DEMO_HEIGHT, mpp: float = 0.25
+) -> list[tuple[str, int, int, float, np.ndarray, float]]:
+    """Each demo slide's id, level-0 size, mpp and tissue mask with its downsample, from its
+    layout alone (no rendering): what the disk plan needs before the demo's slides exist."""
+    from wsi_asmil.synthetic.layout import Layout
+
+    out = []
+    for sid, spec in zip(demo_slide_ids(n_slides), demo_specs(n_slides, seed, width, height, mpp)):
+        truth = Layout(spec).truth()
+        out.append((sid, spec.width, spec.height, spec.mpp, truth.tissue, truth.downsample))
+    return out
