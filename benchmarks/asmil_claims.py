@@ -213,11 +213,19 @@ def witness_cohort(
 
 
 def demo_features(results: Path) -> Path:
-    """The one features folder of a demo run."""
-    features_dirs = sorted(p for p in (results / "features").glob("*/*") if p.is_dir())
-    if len(features_dirs) != 1:
-        raise SystemExit(f"expected one features folder under {results}/features, found {features_dirs}")
-    return features_dirs[0]
+    """The training grid's features folder of a demo run (config.yaml's tiling and encoder; the
+    dense heatmap grid beside it holds the drawn slides only)."""
+    import yaml
+
+    from wsi_asmil.core.run_layout import RunLayout
+    from wsi_asmil.features.tile import TileParams
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "config.yaml").read_text())
+    encoder = config["features"]["encoder"].replace("/", "_").replace(":", "_")
+    folder = Path(RunLayout(str(results), TileParams(**config["tiling"]).tag(), encoder).features_dir)
+    if not folder.is_dir():
+        raise SystemExit(f"no features folder {folder}: run the demo (make demo) with config.yaml's tiling first")
+    return folder
 
 
 def mix_cohort(results: Path, work: Path, n_bags: int, bag_size: tuple[int, int]) -> tuple[Path, list[dict[str, Any]], None]:
