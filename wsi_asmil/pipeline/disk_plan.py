@@ -213,8 +213,9 @@ def _store_stats(folder: Path) -> tuple[int | None, float | None]:
             continue
         dim = int(array.shape[1])
         raw += int(array.shape[0]) * dim * 2
-        stored += du(p / "features")
-    return dim, (stored / raw if raw > 4096 * 64 else None)
+        # the chunks' own bytes, not their blocks: store_bytes rounds to blocks itself
+        stored += sum(f.stat().st_size for f in (p / "features").rglob("*") if f.is_file() and f.name != "zarr.json")
+    return dim, (stored / raw if raw >= 256 * 1024 else None)
 
 
 def grid_tiles(mask: np.ndarray, downsample: float, width: int, height: int, mpp: float,
