@@ -213,19 +213,18 @@ def witness_cohort(
 
 
 def demo_features(results: Path) -> Path:
-    """The training grid's features folder of a demo run (config.yaml's tiling and encoder; the
-    dense heatmap grid beside it holds the drawn slides only)."""
+    """The training grid's features folder of a demo run (config.yaml's tiling; the dense heatmap
+    grid beside it holds the drawn slides only), with its one encoder."""
     import yaml
 
-    from wsi_asmil.core.run_layout import RunLayout
     from wsi_asmil.features.tile import TileParams
 
     config = yaml.safe_load((Path(__file__).resolve().parents[1] / "config.yaml").read_text())
-    encoder = config["features"]["encoder"].replace("/", "_").replace(":", "_")
-    folder = Path(RunLayout(str(results), TileParams(**config["tiling"]).tag(), encoder).features_dir)
-    if not folder.is_dir():
-        raise SystemExit(f"no features folder {folder}: run the demo (make demo) with config.yaml's tiling first")
-    return folder
+    grid = results / "features" / TileParams(**config["tiling"]).tag()
+    encoders = sorted(p for p in grid.glob("*") if p.is_dir())
+    if len(encoders) != 1:
+        raise SystemExit(f"expected one encoder's features under {grid} (config.yaml's tiling), found {encoders}")
+    return encoders[0]
 
 
 def mix_cohort(results: Path, work: Path, n_bags: int, bag_size: tuple[int, int]) -> tuple[Path, list[dict[str, Any]], None]:
