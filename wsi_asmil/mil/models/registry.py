@@ -40,7 +40,7 @@ MODELS: dict[str, ModelSpec] = {
     # ASMIL repaired (docs/model.md, the mechanism): the linear readout, tokens that start apart,
     # and the anchor's L_AS at a tenth of the paper's weight; FEAT tokens with their own attention,
     # token dropout, the EMA anchor and its NSF target as the paper's.
-    # Its own lr: at the paper's 1e-4 the token attention's logits grow too slowly to leave uniform.
+    # Its own lr: at the paper's 1e-4 its attention grows too slowly (docs/model.md, the claims).
     "asmil_repaired": ModelSpec(partial(ASMIL, readout="linear", token_std=1.0), anchored=True,
                                 anchor_overrides={"beta": 0.1}, lr=1e-3),
     "acmil": ModelSpec(ACMIL, anchored=False),
