@@ -232,9 +232,9 @@ def _known_size(slide_id: str, layout: RunLayout, grids: Mapping[str, TileParams
     attrs: dict[str, Any] = {}
     for tag in grids:
         path = Path(RunLayout(layout.root, tag, layout.encoder).tiles(slide_id))
-        if path.is_dir():
-            coords, _, attrs = store.read_tiles(path)
-            tiles[tag] = len(coords)
+        if path.is_dir():  # the count from the array's metadata: no coordinates read
+            group = store.open_store(path)
+            tiles[tag], attrs = int(group["coords"].shape[0]), dict(group.attrs)
     if len(tiles) == len(grids):
         w, h = attrs["slide_dimensions"]
         return SlideSize(slide_id, int(w), int(h), float(attrs["mpp"]), tiles, "tiles")
@@ -259,26 +259,32 @@ def slide_header(
         return None
 
 
+def grid_cells(width: int, height: int, mpp: float, params: TileParams) -> float:
+    """Cells of a slide's tile grid (tissue or not): what a tissue share is a share of."""
+    stride = params.tile_size * params.target_mpp / mpp * (1 - params.overlap)
+    return max(1.0, (width / stride) * (height / stride))
+
+
 def sampled_sizes(slides: Mapping[str, str], layout: RunLayout, grids: Mapping[str, TileParams],
                   segment: Mapping[str, Any], mpp: Mapping[str, float | None], mpp_fallback: float | None,
                   seed: int = 0) -> tuple[list[SlideSize], list[str]]:
-    """Every slide's size: known where the run has it, else from a sample of segmented thumbnails."""
+    """Every slide's size: known where the run has it, else from a sample of segmented thumbnails.
+
+    Slide headers are read only for slides the run has not segmented yet, so a resumed run opens
+    no slide at all."""
     from wsi_asmil.slides.slide import Slide
     from wsi_asmil.tissue.segment import SegmentParams, segment_image
 
     ids = sorted(slides)
-    rng = random.Random(seed)
-    headers: dict[str, tuple[int, int, float] | None] = {}
-    for sid in rng.sample(ids, min(len(ids), SAMPLE_HEADERS)):
-        headers[sid] = slide_header(slides[sid], mpp.get(sid), mpp_fallback)
     sizes = {sid: s for sid in ids if (s := _known_size(sid, layout, grids)) is not None}
-    notes: list[str] = []
     unknown = [sid for sid in ids if sid not in sizes]
     if not unknown:
-        return [sizes[s] for s in ids], notes
+        return [sizes[s] for s in ids], []
+    sample = random.Random(seed).sample(unknown, min(len(unknown), SAMPLE_HEADERS))
+    headers = {sid: h for sid in sample if (h := slide_header(slides[sid], mpp.get(sid), mpp_fallback))}
     params = SegmentParams(**segment)
     shares: dict[str, list[float]] = {tag: [] for tag in grids}
-    for sid in [s for s in unknown if headers.get(s) is not None][:SAMPLE_SLIDES]:
+    for sid in list(headers)[:SAMPLE_SLIDES]:
         w, h, m = headers[sid]
         try:
             with Slide(slides[sid], mpp.get(sid), mpp_fallback) as s:
@@ -286,31 +292,22 @@ def sampled_sizes(slides: Mapping[str, str], layout: RunLayout, grids: Mapping[s
         except Exception:
             continue
         mask = segment_image(thumb, m * ds, params)[0]
-        size = SlideSize(sid, w, h, m, grid_tiles(mask, ds, w, h, m, grids), "sampled")
-        sizes[sid] = size
+        sizes[sid] = SlideSize(sid, w, h, m, grid_tiles(mask, ds, w, h, m, grids), "sampled")
         for tag, p in grids.items():
-            extent = p.tile_size * p.target_mpp / m
-            stride = extent * (1 - p.overlap)
-            shares[tag].append(size.tiles[tag] / max(1.0, (w / stride) * (h / stride)))
-    known = [s for s in sizes.values()]
-    typical = [headers[s] for s in headers if headers[s] is not None] or [(s.width, s.height, s.mpp) for s in known]
+            shares[tag].append(sizes[sid].tiles[tag] / grid_cells(w, h, m, p))
+    typical = list(headers.values()) or [(s.width, s.height, s.mpp) for s in sizes.values()]
     if not typical:
-        notes.append("no slide could be read: the plan counts no tiles")
-        return [sizes[s] for s in ids if s in sizes], notes
+        return [sizes[s] for s in ids if s in sizes], ["no slide could be read: the plan counts no tiles"]
     mean_share = {tag: float(np.mean(v)) if v else 0.5 for tag, v in shares.items()}
-    for sid in ids:
+    for i, sid in enumerate(unknown):
         if sid in sizes:
             continue
-        w, h, m = headers.get(sid) or typical[ids.index(sid) % len(typical)]
-        tiles = {}
-        for tag, p in grids.items():
-            stride = p.tile_size * p.target_mpp / m * (1 - p.overlap)
-            tiles[tag] = int(round(mean_share[tag] * (w / stride) * (h / stride)))
+        w, h, m = headers.get(sid) or typical[i % len(typical)]
+        tiles = {tag: int(round(mean_share[tag] * grid_cells(w, h, m, p))) for tag, p in grids.items()}
         sizes[sid] = SlideSize(sid, w, h, m, tiles, "sampled")
-    n_sampled = sum(1 for s in sizes.values() if s.source == "sampled")
-    if n_sampled:
-        notes.append(f"{n_sampled} slide(s) not segmented yet: their tiles follow the tissue share of "
-                     f"{sum(1 for v in shares.values() for _ in v) // max(1, len(grids))} segmented thumbnail(s)")
+    n_thumbnails = len(next(iter(shares.values()), []))
+    notes = [f"{len(unknown)} slide(s) not segmented yet: their tiles follow the tissue share of "
+             f"{n_thumbnails} segmented thumbnail(s)"]
     return [sizes[s] for s in ids], notes
 
 
